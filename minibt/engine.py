@@ -1,0 +1,510 @@
+"""The engine: ONE base model, loaded once (4-bit NF4 by default), and the named LoRA adapters on it.
+
+Every role of the method is an adapter on this one base: `myx` (backward), `m0`, `m1`, ... (forward;
+the curator of round k is m_{k-1}). Switching roles is `set_adapter`, never a reload. This is the
+only module that imports unsloth or bitsandbytes.
+
+Backends: `unsloth` (the GPU fast path; default when a GPU and unsloth are present), `transformers`
+(transformers + peft + bitsandbytes; GPU, or CPU 4-bit), and quantization `none` for full precision.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from minibt.errors import MinibtError
+from minibt.prompts import CHAT_TEMPLATE
+from minibt.recipe import LoraSection, ModelSection, TrainSection
+
+log = logging.getLogger("minibt.engine")
+
+BASE = "base"  # the adapter name that means "no adapter"
+_PLACEHOLDER = "default"  # the backends' first adapter; deleted once a role adapter exists
+
+
+def has_gpu() -> bool:
+    return torch.cuda.is_available()
+
+
+def resolve_backend(requested: str) -> str:
+    if requested != "auto":
+        return requested
+    if has_gpu():
+        import importlib.util
+
+        if importlib.util.find_spec("unsloth") is not None:
+            return "unsloth"
+    return "transformers"
+
+
+def compute_dtype(name: str) -> torch.dtype:
+    if name != "auto":
+        return getattr(torch, name)
+    if not has_gpu():
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16  # T4: float16
+
+
+class Engine:
+    """The base model and its adapters. Build it with `Engine.load(model_section, lora_section)`."""
+
+    def __init__(self, model: Any, tokenizer: Any, backend: str, model_cfg: ModelSection, lora: LoraSection, seed: int):
+        self.model = model  # a peft PeftModel wrapping the one base
+        self.tokenizer = tokenizer
+        self.backend = backend
+        self.model_cfg = model_cfg
+        self.lora = lora
+        self.seed = seed
+        self.dtype = compute_dtype(model_cfg.dtype)
+        self.base_loads = 1
+        self.truncated = 0  # prompts cut to fit the context, over the engine's life
+
+    # --- loading -------------------------------------------------------------------------
+
+    @classmethod
+    def load(cls, model_cfg: ModelSection, lora: LoraSection, seed: int = 0) -> "Engine":
+        backend = resolve_backend(model_cfg.backend)
+        if backend == "unsloth" and model_cfg.quantization != "nf4":
+            raise MinibtError("model.backend: unsloth here runs 4-bit bases only; set model.quantization=nf4")
+        if model_cfg.trust_remote_code:
+            log.warning("model.trust_remote_code is true: the model's own Python code from %s will run", model_cfg.name)
+        torch.manual_seed(seed)
+        t0 = time.time()
+        loader = _load_unsloth if backend == "unsloth" else _load_transformers
+        model, tokenizer = loader(model_cfg, lora, seed)
+        _set_chat_template(tokenizer, model_cfg)
+        log.info("loaded %s (%s, %s) in %.1fs", model_cfg.name, backend, model_cfg.quantization, time.time() - t0)
+        return cls(model, tokenizer, backend, model_cfg, lora, seed)
+
+    @property
+    def adapters(self) -> list[str]:
+        return [a for a in self.model.peft_config if a != _PLACEHOLDER]
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def add_adapter(self, name: str) -> None:
+        """A fresh LoRA adapter `name` (initialised from the run seed and the name, so reproducible)."""
+        self._check_new(name)
+        from peft import LoraConfig
+
+        torch.manual_seed(self.seed + sum(map(ord, name)))
+        self.model.add_adapter(name, _lora_config(self.lora))
+        self._drop_placeholder()
+
+    def load_adapter(self, name: str, path: str | os.PathLike, trainable: bool = False) -> None:
+        """Load a PEFT adapter folder as `name`. Safetensors only."""
+        path = Path(path)
+        if not (path / "adapter_model.safetensors").is_file():
+            raise MinibtError(f"{path}: no adapter_model.safetensors (minibt loads safetensors adapters only)")
+        self._check_new(name)
+        # autocast_adapter_dtype=False: keep the dtype training left, so reloads score bit-exactly
+        self.model.load_adapter(str(path), adapter_name=name, is_trainable=trainable, autocast_adapter_dtype=False)
+        self._drop_placeholder()
+
+    def save_adapter(self, name: str, path: str | os.PathLike) -> None:
+        """Write adapter `name` as a PEFT folder (plus the tokenizer and its chat template), atomically."""
+        self._require(name)
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+        try:
+            self.model.save_pretrained(str(tmp), selected_adapters=[name], safe_serialization=True)
+            saved = tmp / name  # peft writes non-default adapters into a subfolder
+            self.tokenizer.save_pretrained(str(saved))
+            if path.exists():
+                shutil.rmtree(path)
+            os.replace(saved, path)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def delete_adapter(self, name: str) -> None:
+        self._require(name)
+        if len(self.model.peft_config) == 1:  # peft breaks without any adapter: keep a placeholder
+            self.model.add_adapter(_PLACEHOLDER, _lora_config(self.lora))
+        self.model.delete_adapter(name)
+
+    # --- roles ---------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def use(self, name: str, trainable: bool = False) -> Iterator[None]:
+        """Make adapter `name` (or "base": no adapter) the active one for the block."""
+        if name == BASE:
+            if trainable:
+                raise MinibtError("the base model is frozen; train an adapter")
+            self._freeze_all()
+            self._mode(training=False)
+            with self.model.disable_adapter():
+                yield
+            return
+        self._require(name)
+        self.model.set_adapter(name)
+        self._set_trainable(name if trainable else None)
+        self._mode(training=trainable)
+        yield
+
+    def _set_trainable(self, name: str | None) -> None:
+        # peft's set_adapter/delete_adapter mark adapters trainable on their own, and peft has had
+        # bugs leaving the wrong one trainable: set requires_grad ourselves, then check it.
+        for pname, p in self.model.named_parameters():
+            p.requires_grad = name is not None and _adapter_of(pname) == name
+        self.check_trainable(name)
+
+    def _freeze_all(self) -> None:
+        for p in self.model.parameters():
+            p.requires_grad = False
+
+    def check_trainable(self, name: str | None) -> None:
+        """Raise unless exactly adapter `name`'s LoRA weights (or nothing, for None) require grad."""
+        wrong = [n for n, p in self.model.named_parameters() if p.requires_grad != (name is not None and _adapter_of(n) == name)]
+        if wrong:
+            raise RuntimeError(f"trainable parameters do not match adapter {name!r}: e.g. {wrong[0]}")
+        if name is not None and not any(p.requires_grad for p in self.model.parameters()):
+            raise RuntimeError(f"adapter {name!r} has no trainable parameters")
+
+    def _mode(self, training: bool) -> None:
+        if self.backend == "unsloth":
+            from unsloth import FastLanguageModel
+
+            (FastLanguageModel.for_training if training else FastLanguageModel.for_inference)(self.model)
+        self.model.train(training)
+        self.tokenizer.padding_side = "right" if training else "left"
+
+    # --- training ------------------------------------------------------------------------
+
+    def train(self, name: str, rows: Sequence[dict[str, str]], cfg: TrainSection, work_dir: str | os.PathLike) -> dict:
+        """Train adapter `name` on prompt/completion rows with trl's SFTTrainer: loss on completions only.
+
+        A new trainer per call, so every role starts with a fresh optimizer and touches only its own
+        adapter. Returns the trainer's log history and summary numbers.
+        """
+        from datasets import Dataset
+        from trl import SFTConfig, SFTTrainer
+
+        if not rows:
+            raise MinibtError(f"no training rows for adapter {name}")
+        if name not in self.adapters:
+            self.add_adapter(name)
+        gpu = has_gpu()
+        args = SFTConfig(
+            output_dir=str(work_dir),
+            num_train_epochs=cfg.epochs,
+            max_steps=cfg.max_steps,
+            per_device_train_batch_size=cfg.batch_size,
+            gradient_accumulation_steps=cfg.grad_accum,
+            learning_rate=cfg.learning_rate,
+            lr_scheduler_type=cfg.lr_scheduler,
+            warmup_steps=cfg.warmup_ratio,  # transformers 5: a float < 1 is a ratio
+            weight_decay=cfg.weight_decay,
+            max_length=self.model_cfg.max_length,
+            packing=cfg.packing,
+            completion_only_loss=True,
+            gradient_checkpointing=cfg.gradient_checkpointing and gpu,
+            bf16=gpu and self.dtype == torch.bfloat16,
+            fp16=gpu and self.dtype == torch.float16,
+            use_cpu=not gpu,
+            optim="adamw_torch",
+            logging_steps=max(1, min(10, cfg.max_steps if cfg.max_steps > 0 else 10)),
+            save_strategy="no",
+            report_to="none",
+            seed=self.seed,
+            data_seed=self.seed,
+            dataloader_num_workers=0,
+            dataset_num_proc=None,
+        )
+        dataset = Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in rows])
+        t0 = time.time()
+        with self.use(name, trainable=True):
+            trainer = SFTTrainer(model=self.model, args=args, train_dataset=dataset, processing_class=self.tokenizer)
+            # trl casts trainable QLoRA weights to bf16 when building the trainer: check again after
+            self.check_trainable(name)
+            result = trainer.train()
+        self._mode(training=False)
+        history = [h for h in trainer.state.log_history if "loss" in h]
+        return {
+            "train_loss": round(float(result.training_loss), 4),
+            "steps": int(trainer.state.global_step),
+            "examples": len(rows),
+            "seconds": round(time.time() - t0, 1),
+            "log_history": history,
+        }
+
+    # --- inference -----------------------------------------------------------------------
+
+    def render(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def clip_text(self, text: str, max_tokens: int) -> tuple[str, bool]:
+        """Cut `text` to at most `max_tokens` tokens (at a token boundary); says whether it cut."""
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(ids) <= max_tokens:
+            return text, False
+        return self.tokenizer.decode(ids[:max_tokens]), True
+
+    def _encode(self, prompts: Sequence[str], room: int) -> list[list[int]]:
+        """Token ids per prompt, left-truncated to leave `room` tokens for what comes after."""
+        limit = max(1, self.model_cfg.max_length - room)
+        out = []
+        for ids in self.tokenizer(list(prompts))["input_ids"]:
+            if len(ids) > limit:
+                self.truncated += 1
+                ids = ids[-limit:]
+            out.append(ids)
+        return out
+
+    def _batches(self, encoded: list[list[int]], batch_size: int) -> Iterator[list[int]]:
+        # length-sorted batches waste little on padding; results go back in input order
+        order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]), reverse=True)
+        for start in range(0, len(order), batch_size):
+            yield order[start : start + batch_size]
+
+    def _left_pad(self, seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        width = max(map(len, seqs))
+        pad = self.tokenizer.pad_token_id
+        ids = torch.tensor([[pad] * (width - len(s)) + s for s in seqs], device=self.device)
+        mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs], device=self.device)
+        return ids, mask
+
+    @torch.no_grad()
+    def generate(
+        self,
+        adapter: str,
+        prompts: Sequence[str],
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        batch_size: int = 16,
+        seed: int | None = None,
+        progress: Any = None,
+    ) -> list[str]:
+        """Complete rendered prompts with `adapter` ("base" for none): batched, left-padded, stop at EOS."""
+        encoded = self._encode(prompts, room=max_new_tokens)
+        outputs: list[str] = [""] * len(encoded)
+        sample = temperature > 0
+        with self.use(adapter):
+            for b, idx in enumerate(self._batches(encoded, batch_size)):
+                ids, mask = self._left_pad([encoded[i] for i in idx])
+                if sample:
+                    torch.manual_seed((self.seed if seed is None else seed) * 100_003 + b)
+                out = self.model.generate(
+                    input_ids=ids,
+                    attention_mask=mask,
+                    max_new_tokens=max_new_tokens,
+                    do_sample=sample,
+                    temperature=temperature if sample else None,
+                    top_p=top_p if sample else None,
+                    top_k=None,
+                    pad_token_id=self.tokenizer.pad_token_id,
+                    eos_token_id=self.tokenizer.eos_token_id,
+                )
+                for row, i in enumerate(idx):
+                    outputs[i] = self.tokenizer.decode(out[row, ids.shape[1] :], skip_special_tokens=True).strip()
+                if progress is not None:
+                    progress.update(len(idx))
+        return outputs
+
+    def choice_ids(self, prefix: str, choices: Sequence[str]) -> list[int]:
+        """The token id of each choice as it follows "<prefix> " in running text.
+
+        Byte-level BPEs write " 3" as one token; Llama-3 and SentencePiece split off the space. Either
+        way, "<prompt><prefix> <choice>" minus its last token is the prompt, and the last is the choice.
+        """
+        seqs = [self.tokenizer(f"x\n{prefix} {c}", add_special_tokens=False)["input_ids"] for c in choices]
+        for c, seq in zip(choices, seqs):
+            if self.tokenizer.decode(seq[-1:]).strip() != c or seq[:-1] != seqs[0][:-1]:
+                raise MinibtError(f"the tokenizer does not write score {c!r} as one token after {prefix!r}; use curate.mode=generate")
+        return [seq[-1] for seq in seqs]
+
+    @torch.no_grad()
+    def next_token_probs(
+        self,
+        adapter: str,
+        prompts: Sequence[str],
+        prefix: str,
+        choices: Sequence[str],
+        batch_size: int = 16,
+        progress: Any = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """P(choice | prompt + prefix) for each prompt, from one forward pass per batch: no decoding.
+
+        Returns (probabilities renormalised over the choices, [n, k]; the raw mass the choices got, [n]).
+        """
+        ids = self.choice_ids(prefix, choices)
+        encoded = [e[:-1] for e in self._encode([f"{p}{prefix} {choices[0]}" for p in prompts], room=0)]
+        probs = np.zeros((len(encoded), len(ids)), dtype=np.float64)
+        choice_index = torch.tensor(ids, device=self.device)
+        with self.use(adapter):
+            for idx in self._batches(encoded, batch_size):
+                input_ids, mask = self._left_pad([encoded[i] for i in idx])
+                position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+                logits = self.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids).logits[:, -1, :]
+                probs[idx] = torch.softmax(logits.float(), dim=-1)[:, choice_index].cpu().numpy()
+                if progress is not None:
+                    progress.update(len(idx))
+        mass = probs.sum(axis=1)
+        return probs / np.maximum(mass[:, None], 1e-12), mass
+
+    @torch.no_grad()
+    def completion_logprobs(
+        self, adapter: str, prompts: Sequence[str], completions: Sequence[str], batch_size: int = 16, progress: Any = None
+    ) -> np.ndarray:
+        """Mean log-probability per token of each completion given its prompt (EOS included)."""
+        eos = [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
+        comp = [self.tokenizer(c, add_special_tokens=False)["input_ids"] + eos for c in completions]
+        comp = [c[: self.model_cfg.max_length - 1] for c in comp]
+        heads = [self._encode([p], room=len(c))[0] for p, c in zip(prompts, comp)]
+        seqs = [h + c for h, c in zip(heads, comp)]
+        out = np.zeros(len(seqs))
+        with self.use(adapter):
+            for idx in self._batches(seqs, batch_size):
+                input_ids, mask = self._left_pad([seqs[i] for i in idx])
+                position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+                logits = self.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids).logits
+                logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+                target = input_ids[:, 1:]
+                token_logp = logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+                for row, i in enumerate(idx):
+                    n = len(comp[i])
+                    out[i] = token_logp[row, -n:].mean().item()
+                if progress is not None:
+                    progress.update(len(idx))
+        return out
+
+    # --- helpers -------------------------------------------------------------------------
+
+    def _require(self, name: str) -> None:
+        if name not in self.adapters:
+            have = ", ".join(self.adapters) or "none"
+            raise MinibtError(f"adapter {name!r} does not exist (have: {have}; 'base' means no adapter)")
+
+    def _check_new(self, name: str) -> None:
+        if name in (BASE, _PLACEHOLDER, "forward") or not name.isidentifier():
+            # "forward" collides with nn.Module.forward inside peft
+            raise MinibtError(f"adapter name {name!r} is reserved or not an identifier")
+        if name in self.adapters:
+            raise MinibtError(f"adapter {name!r} already exists")
+
+    def _drop_placeholder(self) -> None:
+        if _PLACEHOLDER in self.model.peft_config and len(self.model.peft_config) > 1:
+            self.model.delete_adapter(_PLACEHOLDER)
+            self._freeze_all()  # peft marks the adapter it activates trainable
+
+
+def _adapter_of(param_name: str) -> str | None:
+    """The adapter a LoRA parameter belongs to: '...q_proj.lora_A.m1.weight' -> 'm1'."""
+    parts = param_name.split(".")
+    for i, part in enumerate(parts[:-1]):
+        if part.startswith("lora_"):
+            return parts[i + 1]
+    return None
+
+
+def _lora_config(lora: LoraSection) -> Any:
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+def _set_chat_template(tokenizer: Any, cfg: ModelSection) -> None:
+    if cfg.chat_template == "minibt" or not getattr(tokenizer, "chat_template", None):
+        tokenizer.chat_template = CHAT_TEMPLATE
+    if tokenizer.eos_token is None:
+        raise MinibtError(f"model.name: the tokenizer of {cfg.name} has no EOS token, so generations cannot stop")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+
+
+def _bnb_config(dtype: torch.dtype) -> Any:
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=dtype,
+    )
+
+
+def guard_bnb_cpu(model: Any) -> int:
+    """Stop bitsandbytes from repacking 4-bit weights for its CPU kernel (STACK-NOTES, silent).
+
+    On CPUs with AVX512-BF16 the first no-grad eval forward repacks every Linear4bit in place, and LoRA
+    gradients computed afterwards are wrong (17-41 % off) with only a warning. Returns the count guarded.
+    """
+    import bitsandbytes as bnb
+
+    n = 0
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+            n += 1
+    return n
+
+
+def _load_transformers(cfg: ModelSection, lora: LoraSection, seed: int) -> tuple[Any, Any]:
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dtype = compute_dtype(cfg.dtype)
+    common = dict(revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(cfg.name, **common)
+    kwargs: dict[str, Any] = dict(dtype=dtype, use_safetensors=True, device_map={"": "cuda:0" if has_gpu() else "cpu"})
+    if cfg.quantization == "nf4":
+        kwargs["quantization_config"] = _bnb_config(dtype)
+    model = AutoModelForCausalLM.from_pretrained(cfg.name, **kwargs, **common)
+    if cfg.quantization == "nf4" and not has_gpu():
+        guard_bnb_cpu(model)
+    model.config.use_cache = True
+    return get_peft_model(model, _lora_config(lora)), tokenizer
+
+
+def _load_unsloth(cfg: ModelSection, lora: LoraSection, seed: int) -> tuple[Any, Any]:
+    from unsloth import FastLanguageModel  # patches transformers/trl on import
+
+    dtype = compute_dtype(cfg.dtype)
+    model, tokenizer = FastLanguageModel.from_pretrained(
+        model_name=cfg.name,
+        max_seq_length=cfg.max_length,
+        dtype=dtype,
+        load_in_4bit=True,
+        revision=cfg.revision,
+        trust_remote_code=cfg.trust_remote_code,
+        use_safetensors=True,
+    )
+    if not has_gpu():
+        guard_bnb_cpu(model)  # unsloth's CPU fallback does this too; harmless to repeat
+    # unsloth cannot name this adapter; it becomes the placeholder that role adapters replace
+    model = FastLanguageModel.get_peft_model(
+        model,
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules),
+        bias="none",
+        use_gradient_checkpointing="unsloth",
+        random_state=seed,
+    )
+    return model, tokenizer
