@@ -19,7 +19,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -319,6 +319,29 @@ class Engine:
                     progress.update(len(idx))
         return outputs
 
+    def stream(self, adapter: str, prompt: str, max_new_tokens: int, temperature: float, top_p: float,
+               on_text: Callable[[str], None]) -> str:
+        """Generate one reply, handing each new piece of text to `on_text` as it is decoded."""
+        import threading
+
+        from transformers import TextIteratorStreamer
+
+        ids, mask = self._left_pad(self._encode([prompt], room=max_new_tokens))
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        sample = temperature > 0
+        kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=sample,
+                      temperature=temperature if sample else None, top_p=top_p if sample else None, top_k=None,
+                      pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id, streamer=streamer)
+        pieces = []
+        with self.use(adapter):
+            worker = threading.Thread(target=self.model.generate, kwargs=kwargs)
+            worker.start()
+            for piece in streamer:
+                on_text(piece)
+                pieces.append(piece)
+            worker.join()
+        return "".join(pieces).strip()
+
     def choice_ids(self, prefix: str, choices: Sequence[str]) -> list[int]:
         """The token id of each choice as it follows "<prefix> " in running text.
 
@@ -368,7 +391,8 @@ class Engine:
         eos = [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
         comp = [self.tokenizer(c, add_special_tokens=False)["input_ids"] + eos for c in completions]
         comp = [c[: self.model_cfg.max_length - 1] for c in comp]
-        heads = [self._encode([p], room=len(c))[0] for p, c in zip(prompts, comp)]
+        start = [self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None else self.tokenizer.eos_token_id]
+        heads = [self._encode([p], room=len(c))[0] or start for p, c in zip(prompts, comp)]
         seqs = [h + c for h, c in zip(heads, comp)]
         out = np.zeros(len(seqs))
         with self.use(adapter):

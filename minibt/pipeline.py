@@ -1,0 +1,117 @@
+"""Instruction backtranslation (Li et al. 2023), as minibt runs it.
+
+    seed pairs --reversed--> train M_yx (myx)           seed pairs --> train M0 (m0)
+    unlabelled texts --myx--> instructions (self-augmentation)
+    for round k = 1..K:   curator m_{k-1} scores every pair; keep score >= threshold (self-curation)
+                          train m_k on seed + kept pairs, with the seed/augmented tags
+
+One base model is loaded once; every role is a LoRA adapter on it. Each stage records itself in the
+run directory's manifest; a rerun skips what is done and resumes what is not.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Any, Callable
+
+from minibt import io
+from minibt.engine import Engine
+from minibt.recipe import Recipe
+from minibt.rundir import RunDir
+from minibt.stages.augment import augment
+from minibt.stages.backward import MYX, train_myx
+from minibt.stages.curate import curate
+from minibt.stages.forward import train_forward
+from minibt.stages.prepare import prepare, toy_base
+
+log = logging.getLogger("minibt")
+
+
+def plan(recipe: Recipe) -> list[str]:
+    """The stages a recipe runs, in order."""
+    rounds = [s for k in range(1, recipe.forward.rounds + 1) for s in (f"curate_r{k}", f"m{k}")]
+    toy = ["m1_uncurated", "evaluate"] if recipe.toy is not None else []
+    return ["prepare", "backward", "augment", "m0", *rounds, *toy]
+
+
+def run(recipe: Recipe, out: str | Path, fresh: bool = False) -> RunDir:
+    rd = RunDir.create(out, recipe, fresh=fresh)
+    if not rd.done("prepare"):
+        with rd.stage("prepare") as counts:
+            counts.update(prepare(rd, recipe))
+    seed = io.read_jsonl(rd.data("seed"))
+    corpus = io.read_jsonl(rd.data("corpus"))
+
+    engine = load_engine(rd, recipe)
+
+    # Step 0: the backward model M_yx, trained on the seed pairs reversed (output -> instruction)
+    adapter_stage(rd, engine, "backward", MYX, lambda work: train_myx(engine, recipe, seed, work))
+
+    # Step 1: self-augmentation: M_yx writes an instruction for every unlabelled text
+    if not rd.done("augment"):
+        need(rd, engine, MYX)
+        with rd.stage("augment") as counts:
+            augmented = augment(rd, engine, recipe, corpus)
+            counts.update(texts=len(corpus), empty_instructions=sum(not r["instruction"].strip() for r in augmented))
+    augmented = io.read_jsonl(rd.data("augmented"))
+
+    # The seed-only forward model M0: the first curator
+    adapter_stage(rd, engine, "m0", "m0", lambda work: train_forward(engine, recipe, "m0", seed, [], work))
+
+    # Step 2: self-curation, then training on seed + curated pairs; each round's model curates the next
+    for k in range(1, recipe.forward.rounds + 1):
+        curator, name = f"m{k - 1}", f"m{k}"
+        if not rd.done(f"curate_r{k}"):
+            need(rd, engine, curator)
+            with rd.stage(f"curate_r{k}") as counts:
+                counts.update(curate(rd, engine, recipe, k, curator, augmented)[1])
+        curated = io.read_jsonl(rd.data(f"curated_r{k}"))
+        adapter_stage(rd, engine, name, name, lambda work: train_forward(engine, recipe, name, seed, curated, work))
+
+    if recipe.toy is not None:
+        from minibt.toy.evaluate import evaluate_toy
+
+        # The paper's ablation: the same m1 training with curation switched off
+        usable = [r for r in augmented if r["instruction"].strip()]
+        adapter_stage(rd, engine, "m1_uncurated", "m1_uncurated", lambda work: train_forward(engine, recipe, "m1_uncurated", seed, usable, work))
+        if not rd.done("evaluate"):
+            with rd.stage("evaluate") as counts:
+                counts.update(evaluate_toy(rd, engine, recipe))
+    return rd
+
+
+def load_engine(rd: RunDir, recipe: Recipe) -> Engine:
+    """Load the one base model of this run and record it in the manifest."""
+    engine = open_engine(recipe)
+    rd.manifest.update(base_model=engine.model_cfg.name, backend=engine.backend, base_loads=engine.base_loads)
+    rd.save()
+    return engine
+
+
+def open_engine(recipe: Recipe) -> Engine:
+    """Load the recipe's base model (the toy world's pretrained base, from cache, when there is one)."""
+    model = recipe.model
+    if recipe.toy is not None:
+        model = dataclasses.replace(model, name=str(toy_base(recipe)))
+    return Engine.load(model, recipe.lora, seed=recipe.run.seed)
+
+
+def need(rd: RunDir, engine: Engine, name: str) -> None:
+    """Make sure adapter `name` is on the engine: trained in this process, or loaded from the run."""
+    if name not in engine.adapters:
+        engine.load_adapter(name, rd.adapter(name))
+
+
+def adapter_stage(rd: RunDir, engine: Engine, stage: str, name: str, train: Callable[[Path], dict[str, Any]]) -> None:
+    """Train adapter `name` unless its stage is done; save it as a PEFT folder and log its loss curve."""
+    if rd.done(stage) and rd.adapter(name).exists():
+        return
+    if name in engine.adapters:  # a half-trained adapter from a failed attempt in this process
+        engine.delete_adapter(name)
+    with rd.stage(stage) as counts:
+        result = train(rd.work(name))
+        engine.save_adapter(name, rd.adapter(name))
+        io.write_json(rd.path / "logs" / f"{name}.json", result.pop("log_history"))
+        counts.update(result)

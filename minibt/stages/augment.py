@@ -1,0 +1,39 @@
+"""Self-augmentation: M_yx writes an instruction for every unlabelled text."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from minibt.engine import Engine
+from minibt.recipe import Recipe
+from minibt.rundir import RunDir
+from minibt.stages.backward import MYX, backward_prompt
+from minibt.stages.shards import map_shards
+
+
+def augment(run: RunDir, engine: Engine, recipe: Recipe, corpus: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows of the corpus plus `instruction` (sampled: T=0.7, top_p=0.9 by default), in shards.
+
+    Each shard samples from its own seed, so a resumed run writes what an uninterrupted one would.
+    """
+    cfg = recipe.augment
+
+    def shard(rows: list[dict[str, Any]], k: int, bar: Any) -> list[dict[str, Any]]:
+        texts = [backward_prompt(engine, r["text"], cfg.max_new_tokens) for r in rows]
+        instructions = engine.generate(
+            MYX,
+            texts,
+            max_new_tokens=cfg.max_new_tokens,
+            temperature=cfg.temperature,
+            top_p=cfg.top_p,
+            batch_size=cfg.batch_size,
+            seed=recipe.run.seed * 1_000_003 + k,
+            progress=bar,
+        )
+        return [{**_without_text(r), "instruction": i, "output": r["text"]} for r, i in zip(rows, instructions)]
+
+    return map_shards(run, "augmented", corpus, cfg.shard_size, shard, desc="augment (myx)")
+
+
+def _without_text(row: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in row.items() if k != "text"}

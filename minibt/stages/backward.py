@@ -1,0 +1,29 @@
+"""Backward model M_yx: learns to write the instruction for an output (seed pairs reversed)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from minibt import prompts
+from minibt.engine import Engine
+from minibt.recipe import Recipe
+
+MYX = "myx"
+INSTRUCTION_BUDGET = 64  # tokens kept free after the output for the instruction it answers
+
+
+def backward_prompt(engine: Engine, output: str, room: int) -> str:
+    """The rendered myx prompt for `output`, the output clipped so `room` tokens remain for the instruction."""
+    overhead = engine.count_tokens(engine.render(prompts.backward_messages(""))) + 8
+    text, _ = engine.clip_text(output, max(16, engine.model_cfg.max_length - room - overhead))
+    return engine.render(prompts.backward_messages(text))
+
+
+def backward_rows(engine: Engine, seed: list[dict[str, str]]) -> list[dict[str, str]]:
+    """Seed pairs reversed: the prompt shows the output, the completion is the instruction."""
+    room = max(INSTRUCTION_BUDGET, max(engine.count_tokens(r["instruction"]) for r in seed) + 2)
+    return [{"prompt": backward_prompt(engine, r["output"], room), "completion": r["instruction"]} for r in seed]
+
+
+def train_myx(engine: Engine, recipe: Recipe, seed: list[dict[str, str]], work_dir: Any) -> dict:
+    return engine.train(MYX, backward_rows(engine, seed), recipe.backward, work_dir)
