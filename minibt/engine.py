@@ -111,8 +111,13 @@ class Engine:
         if not (path / "adapter_model.safetensors").is_file():
             raise MinibtError(f"{path}: no adapter_model.safetensors (minibt loads safetensors adapters only)")
         self._check_new(name)
-        # autocast_adapter_dtype=False: keep the dtype training left, so reloads score bit-exactly
         self.model.load_adapter(str(path), adapter_name=name, is_trainable=trainable, autocast_adapter_dtype=False)
+        # peft upcasts loaded weights; keep the dtype training left (trl trains QLoRA weights in bf16),
+        # so a reloaded adapter scores exactly as it did before it was saved
+        saved = _saved_dtype(path / "adapter_model.safetensors")
+        for pname, p in self.model.named_parameters():
+            if _adapter_of(pname) == name:
+                p.data = p.data.to(saved)
         self._drop_placeholder()
 
     def save_adapter(self, name: str, path: str | os.PathLike) -> None:
@@ -437,6 +442,13 @@ def _adapter_of(param_name: str) -> str | None:
         if part.startswith("lora_"):
             return parts[i + 1]
     return None
+
+
+def _saved_dtype(path: Path) -> torch.dtype:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return f.get_tensor(next(iter(f.keys()))).dtype
 
 
 def _lora_config(lora: LoraSection) -> Any:

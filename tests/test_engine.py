@@ -1,0 +1,170 @@
+"""The engine on a tiny 4-bit Llama (bitsandbytes NF4 on CPU): roles, isolation, reloads, scoring."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from minibt import engine as engine_mod
+from minibt.engine import Engine
+from minibt.errors import MinibtError
+from minibt.recipe import LoraSection, ModelSection, TrainSection
+
+STEPS = TrainSection(epochs=1, max_steps=12, batch_size=8, learning_rate=5e-3, warmup_ratio=0.0)
+
+
+def pairs(engine: Engine, n: int = 16) -> list[dict[str, str]]:
+    words = ["king", "queen", "river", "city", "mountain", "north", "south", "color"]
+    return [
+        {"prompt": engine.render([{"role": "user", "content": f"what is the {w}"}]), "completion": f"the {w} is red."}
+        for w in (words * 4)[:n]
+    ]
+
+
+def lora_state(engine: Engine, name: str) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in engine.model.named_parameters() if engine_mod._adapter_of(k) == name}
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir, tmp_path_factory) -> Engine:
+    e = Engine.load(ModelSection(name=tiny_model_dir, max_length=128), LoraSection(r=8, alpha=16), seed=0)
+    work = tmp_path_factory.mktemp("work")
+    for name in ("myx", "m0"):
+        e.train(name, pairs(e), STEPS, work / name)
+    return e
+
+
+def test_base_is_4bit_and_loaded_once(engine):
+    import bitsandbytes as bnb
+
+    quantized = [m for m in engine.model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert quantized, "the base should be NF4-quantized"
+    assert all(not m.support_avx512bf16_for_cpu for m in quantized), "the CPU repacking guard is off"
+    assert engine.base_loads == 1
+    assert engine.adapters == ["myx", "m0"]
+
+
+def test_training_one_role_leaves_the_others_bit_identical(engine, tmp_path):
+    before = {name: lora_state(engine, name) for name in ("myx", "m0")}
+    base_before = {k: v.clone() for k, v in engine.model.state_dict().items() if "lora_" not in k}
+    engine.train("m1", pairs(engine, 8), STEPS, tmp_path)
+    for name, state in before.items():
+        after = lora_state(engine, name)
+        assert all(torch.equal(state[k], after[k]) for k in state), f"{name} changed while m1 trained"
+    base_after = {k: v for k, v in engine.model.state_dict().items() if "lora_" not in k}
+    assert all(torch.equal(base_before[k], base_after[k]) for k in base_before), "the base changed"
+    assert any(not torch.equal(v, torch.zeros_like(v)) for v in lora_state(engine, "m1").values())
+    engine.delete_adapter("m1")
+
+
+def test_only_the_active_role_is_trainable_after_switches(engine):
+    for name in ("m0", "myx", "m0"):
+        with engine.use(name, trainable=True):
+            engine.check_trainable(name)
+            assert all(p.requires_grad == (engine_mod._adapter_of(n) == name) for n, p in engine.model.named_parameters())
+        with engine.use(name):
+            engine.check_trainable(None)
+
+
+def test_generation_with_an_adapter_differs_from_the_base(engine):
+    prompt = [pairs(engine, 1)[0]["prompt"]]
+    with_adapter = engine.generate("m0", prompt, max_new_tokens=6)
+    base = engine.generate("base", prompt, max_new_tokens=6)
+    assert with_adapter != base
+
+
+def test_adapters_reload_from_disk_with_the_same_scores(engine, tmp_path):
+    prompts = [p["prompt"] for p in pairs(engine, 4)]
+    before, _ = engine.next_token_probs("m0", prompts, "Score:", list("12345"))
+    engine.save_adapter("m0", tmp_path / "m0")
+    assert (tmp_path / "m0" / "adapter_model.safetensors").exists()
+    assert (tmp_path / "m0" / "chat_template.jinja").exists() or "chat_template" in (tmp_path / "m0" / "tokenizer_config.json").read_text()
+    engine.load_adapter("m0_again", tmp_path / "m0")
+    after, _ = engine.next_token_probs("m0_again", prompts, "Score:", list("12345"))
+    assert after == pytest.approx(before, abs=1e-6)
+    engine.delete_adapter("m0_again")
+
+
+def test_scoring_a_batch_equals_scoring_one_by_one(engine):
+    prompts = [p["prompt"] + "x" * k for k, p in enumerate(pairs(engine, 6))]  # different lengths: padding
+    batch, mass = engine.next_token_probs("m0", prompts, "Score:", list("12345"), batch_size=6)
+    single = [engine.next_token_probs("m0", [p], "Score:", list("12345"))[0][0] for p in prompts]
+    assert batch == pytest.approx(torch.tensor(single).numpy(), abs=2e-3)
+    assert batch.sum(axis=1) == pytest.approx(1.0)
+    assert ((mass > 0) & (mass <= 1)).all()
+
+
+def test_completion_logprobs_prefer_what_was_trained(engine):
+    prompt = pairs(engine, 1)[0]["prompt"]
+    good, bad = engine.completion_logprobs("m0", [prompt, prompt], ["the king is red.", "south mountain the the"])
+    assert good > bad
+    assert good > engine.completion_logprobs("base", [prompt], ["the king is red."])[0]  # m0 learned it
+
+
+def test_adapter_names_are_checked(engine):
+    with pytest.raises(MinibtError, match="reserved"):
+        engine.add_adapter("forward")  # collides with nn.Module.forward inside peft
+    with pytest.raises(MinibtError, match="does not exist"):
+        engine.generate("m7", ["x"], max_new_tokens=1)
+
+
+# --- the bitsandbytes CPU gradient trap (STACK-NOTES) ----------------------------------------
+
+
+def _lora_grads_vs_dequantized_reference(model_dir: str) -> float:
+    """Largest relative error of 4-bit LoRA gradients, after an inference pass, vs an fp32 reference.
+
+    The reference is the same network with each NF4 weight dequantized into plain fp32 Linear layers
+    BEFORE any inference, and the same LoRA weights.
+    """
+    import bitsandbytes as bnb
+    from peft import get_peft_model, set_peft_model_state_dict, get_peft_model_state_dict
+    from transformers import AutoModelForCausalLM
+
+    e = Engine.load(ModelSection(name=model_dir, max_length=128), LoraSection(r=8, alpha=16), seed=0)
+    e.add_adapter("m0")
+    for n, p in e.model.named_parameters():  # non-zero B, so every LoRA weight gets a gradient
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.05)
+    dequantized = {
+        name.replace(".base_layer", ""): bnb.functional.dequantize_4bit(m.weight.data, m.weight.quant_state).float()
+        for name, m in e.model.get_base_model().named_modules()
+        if isinstance(m, bnb.nn.Linear4bit)
+    }
+    ref = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    for name, m in ref.named_modules():
+        if name in dequantized:
+            m.weight.data.copy_(dequantized.pop(name))
+    assert not dequantized, "every NF4 layer has a reference"
+    ref = get_peft_model(ref, engine_mod._lora_config(e.lora), adapter_name="m0")
+    set_peft_model_state_dict(ref, get_peft_model_state_dict(e.model, adapter_name="m0"), adapter_name="m0")
+
+    batch = e.tokenizer(["the king is red and the river is blue."], return_tensors="pt")
+    e.generate("m0", ["the king"], max_new_tokens=2)  # an eval no-grad forward: the trap springs here
+
+    def grads(model) -> dict[str, torch.Tensor]:
+        model.zero_grad()
+        model(**batch, labels=batch["input_ids"]).loss.backward()
+        return {n.replace(".default", ""): p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    with e.use("m0", trainable=True):
+        got = grads(e.model)
+    ref.train()
+    want = grads(ref)
+    assert set(got) == set(want) and got
+    return max(((got[k] - want[k]).norm() / want[k].norm()).item() for k in want)
+
+
+def test_lora_gradients_are_right_after_inference_on_cpu_4bit(tiny_model_dir):
+    """Fails without engine.guard_bnb_cpu: bitsandbytes repacks weights on the first eval forward."""
+    assert _lora_grads_vs_dequantized_reference(tiny_model_dir) < 1e-3
+
+
+def test_the_trap_is_real_without_the_guard(tiny_model_dir, monkeypatch):
+    """Shows the test above can fail: with the guard off, gradients go wrong on AVX512-BF16 CPUs."""
+    from bitsandbytes.functional import has_avx512bf16
+
+    if not has_avx512bf16():
+        pytest.skip("this CPU has no AVX512-BF16, so bitsandbytes never repacks and the trap cannot spring")
+    monkeypatch.setattr(engine_mod, "guard_bnb_cpu", lambda model: 0)
+    assert _lora_grads_vs_dequantized_reference(tiny_model_dir) > 0.05
