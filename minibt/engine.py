@@ -11,9 +11,8 @@ Backends: `unsloth` (the GPU fast path; default when a GPU and unsloth are prese
 from __future__ import annotations
 
 import contextlib
-import json
+import dataclasses
 import logging
-import math
 import os
 import shutil
 import tempfile
@@ -69,7 +68,7 @@ class Engine:
         self.seed = seed
         self.dtype = compute_dtype(model_cfg.dtype)
         self.base_loads = 1
-        self.truncated = 0  # prompts cut to fit the context, over the engine's life
+        self.truncated = 0  # texts and prompts cut to fit the context, over the engine's life
 
     # --- loading -------------------------------------------------------------------------
 
@@ -196,11 +195,24 @@ class Engine:
         A new trainer per call, so every role starts with a fresh optimizer and touches only its own
         adapter. Returns the trainer's log history and summary numbers.
         """
+        if not rows:
+            raise MinibtError(f"no training rows for adapter {name}")
+        try:
+            return self._train_once(name, rows, cfg, work_dir)
+        except torch.cuda.OutOfMemoryError:
+            if cfg.batch_size == 1:
+                raise MinibtError(f"out of memory training {name} at batch size 1: lower model.max_length") from None
+            # the same effective batch in smaller steps, from a fresh adapter
+            smaller = dataclasses.replace(cfg, batch_size=cfg.batch_size // 2, grad_accum=cfg.grad_accum * 2)
+            log.warning("out of memory training %s: retrying with batch_size %d x grad_accum %d", name, smaller.batch_size, smaller.grad_accum)
+            torch.cuda.empty_cache()
+            self.delete_adapter(name)
+            return self.train(name, rows, smaller, work_dir)
+
+    def _train_once(self, name: str, rows: Sequence[dict[str, str]], cfg: TrainSection, work_dir: str | os.PathLike) -> dict:
         from datasets import Dataset
         from trl import SFTConfig, SFTTrainer
 
-        if not rows:
-            raise MinibtError(f"no training rows for adapter {name}")
         if name not in self.adapters:
             self.add_adapter(name)
         gpu = has_gpu()
@@ -255,12 +267,13 @@ class Engine:
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    def clip_text(self, text: str, max_tokens: int) -> tuple[str, bool]:
-        """Cut `text` to at most `max_tokens` tokens (at a token boundary); says whether it cut."""
+    def clip_text(self, text: str, max_tokens: int) -> str:
+        """Cut `text` to at most `max_tokens` tokens, counting the cut in `self.truncated`."""
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         if len(ids) <= max_tokens:
-            return text, False
-        return self.tokenizer.decode(ids[:max_tokens]), True
+            return text
+        self.truncated += 1
+        return self.tokenizer.decode(ids[:max_tokens])
 
     def _encode(self, prompts: Sequence[str], room: int) -> list[list[int]]:
         """Token ids per prompt, left-truncated to leave `room` tokens for what comes after."""
@@ -273,11 +286,28 @@ class Engine:
             out.append(ids)
         return out
 
-    def _batches(self, encoded: list[list[int]], batch_size: int) -> Iterator[list[int]]:
-        # length-sorted batches waste little on padding; results go back in input order
+    def _each_batch(self, encoded: list[list[int]], batch_size: int, step: Callable[[int, list[int]], None], progress: Any) -> None:
+        """Call step(batch_number, indices) over length-sorted batches (little padding is wasted).
+
+        On CUDA out-of-memory the batch is halved and retried, and later batches keep the smaller
+        size: a long shard never dies for a batch size guessed too large.
+        """
         order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]), reverse=True)
-        for start in range(0, len(order), batch_size):
-            yield order[start : start + batch_size]
+        start, number = 0, 0
+        while start < len(order):
+            idx = order[start : start + batch_size]
+            try:
+                step(number, idx)
+            except torch.cuda.OutOfMemoryError:
+                if batch_size == 1:
+                    raise MinibtError("out of memory at batch size 1: lower model.max_length or use a smaller model") from None
+                batch_size //= 2
+                torch.cuda.empty_cache()
+                log.warning("out of memory: retrying with batch size %d", batch_size)
+                continue
+            start, number = start + len(idx), number + 1
+            if progress is not None:
+                progress.update(len(idx))
 
     def _left_pad(self, seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         width = max(map(len, seqs))
@@ -302,26 +332,27 @@ class Engine:
         encoded = self._encode(prompts, room=max_new_tokens)
         outputs: list[str] = [""] * len(encoded)
         sample = temperature > 0
+
+        def step(b: int, idx: list[int]) -> None:
+            ids, mask = self._left_pad([encoded[i] for i in idx])
+            if sample:
+                torch.manual_seed((self.seed if seed is None else seed) * 100_003 + b)
+            out = self.model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=max_new_tokens,
+                do_sample=sample,
+                temperature=temperature if sample else None,
+                top_p=top_p if sample else None,
+                top_k=None,
+                pad_token_id=self.tokenizer.pad_token_id,
+                eos_token_id=self.tokenizer.eos_token_id,
+            )
+            for row, i in enumerate(idx):
+                outputs[i] = self.tokenizer.decode(out[row, ids.shape[1] :], skip_special_tokens=True).strip()
+
         with self.use(adapter):
-            for b, idx in enumerate(self._batches(encoded, batch_size)):
-                ids, mask = self._left_pad([encoded[i] for i in idx])
-                if sample:
-                    torch.manual_seed((self.seed if seed is None else seed) * 100_003 + b)
-                out = self.model.generate(
-                    input_ids=ids,
-                    attention_mask=mask,
-                    max_new_tokens=max_new_tokens,
-                    do_sample=sample,
-                    temperature=temperature if sample else None,
-                    top_p=top_p if sample else None,
-                    top_k=None,
-                    pad_token_id=self.tokenizer.pad_token_id,
-                    eos_token_id=self.tokenizer.eos_token_id,
-                )
-                for row, i in enumerate(idx):
-                    outputs[i] = self.tokenizer.decode(out[row, ids.shape[1] :], skip_special_tokens=True).strip()
-                if progress is not None:
-                    progress.update(len(idx))
+            self._each_batch(encoded, batch_size, step, progress)
         return outputs
 
     def stream(self, adapter: str, prompt: str, max_new_tokens: int, temperature: float, top_p: float,
@@ -377,14 +408,15 @@ class Engine:
         encoded = [e[:-1] for e in self._encode([f"{p}{prefix} {choices[0]}" for p in prompts], room=0)]
         probs = np.zeros((len(encoded), len(ids)), dtype=np.float64)
         choice_index = torch.tensor(ids, device=self.device)
+
+        def step(_: int, idx: list[int]) -> None:
+            input_ids, mask = self._left_pad([encoded[i] for i in idx])
+            position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+            logits = self.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids).logits[:, -1, :]
+            probs[idx] = torch.softmax(logits.float(), dim=-1)[:, choice_index].cpu().numpy()
+
         with self.use(adapter):
-            for idx in self._batches(encoded, batch_size):
-                input_ids, mask = self._left_pad([encoded[i] for i in idx])
-                position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-                logits = self.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids).logits[:, -1, :]
-                probs[idx] = torch.softmax(logits.float(), dim=-1)[:, choice_index].cpu().numpy()
-                if progress is not None:
-                    progress.update(len(idx))
+            self._each_batch(encoded, batch_size, step, progress)
         mass = probs.sum(axis=1)
         return probs / np.maximum(mass[:, None], 1e-12), mass
 
@@ -400,19 +432,18 @@ class Engine:
         heads = [self._encode([p], room=len(c))[0] or start for p, c in zip(prompts, comp)]
         seqs = [h + c for h, c in zip(heads, comp)]
         out = np.zeros(len(seqs))
+
+        def step(_: int, idx: list[int]) -> None:
+            input_ids, mask = self._left_pad([seqs[i] for i in idx])
+            position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+            logits = self.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids).logits
+            logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+            token_logp = logp.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+            for row, i in enumerate(idx):
+                out[i] = token_logp[row, -len(comp[i]) :].mean().item()
+
         with self.use(adapter):
-            for idx in self._batches(seqs, batch_size):
-                input_ids, mask = self._left_pad([seqs[i] for i in idx])
-                position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-                logits = self.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids).logits
-                logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-                target = input_ids[:, 1:]
-                token_logp = logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)
-                for row, i in enumerate(idx):
-                    n = len(comp[i])
-                    out[i] = token_logp[row, -n:].mean().item()
-                if progress is not None:
-                    progress.update(len(idx))
+            self._each_batch(seqs, batch_size, step, progress)
         return out
 
     # --- helpers -------------------------------------------------------------------------

@@ -53,8 +53,10 @@ def run(recipe: Recipe, out: str | Path, fresh: bool = False) -> RunDir:
     if not rd.done("augment"):
         need(rd, engine, MYX)
         with rd.stage("augment") as counts:
+            cut = engine.truncated
             augmented = augment(rd, engine, recipe, corpus)
-            counts.update(texts=len(corpus), empty_instructions=sum(not r["instruction"].strip() for r in augmented))
+            counts.update(texts=len(corpus), empty_instructions=sum(not r["instruction"].strip() for r in augmented),
+                          truncated=engine.truncated - cut)
     augmented = io.read_jsonl(rd.data("augmented"))
 
     # The seed-only forward model M0: the first curator
@@ -66,7 +68,8 @@ def run(recipe: Recipe, out: str | Path, fresh: bool = False) -> RunDir:
         if not rd.done(f"curate_r{k}"):
             need(rd, engine, curator)
             with rd.stage(f"curate_r{k}") as counts:
-                counts.update(curate(rd, engine, recipe, k, curator, augmented)[1])
+                cut = engine.truncated
+                counts.update(curate(rd, engine, recipe, k, curator, augmented)[1], truncated=engine.truncated - cut)
         curated = io.read_jsonl(rd.data(f"curated_r{k}"))
         adapter_stage(rd, engine, name, name, lambda work: train_forward(engine, recipe, name, seed, curated, work))
 

@@ -168,3 +168,41 @@ def test_the_trap_is_real_without_the_guard(tiny_model_dir, monkeypatch):
         pytest.skip("this CPU has no AVX512-BF16, so bitsandbytes never repacks and the trap cannot spring")
     monkeypatch.setattr(engine_mod, "guard_bnb_cpu", lambda model: 0)
     assert _lora_grads_vs_dequantized_reference(tiny_model_dir) > 0.05
+
+
+# --- out of memory: halve the batch and retry, never lose the work ---------------------------
+
+
+def _oom_above(limit: int, calls: list[int]):
+    def forward_hook(module, args, kwargs):
+        n = (kwargs.get("input_ids") if kwargs.get("input_ids") is not None else args[0]).shape[0]
+        calls.append(n)
+        if n > limit:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    return forward_hook
+
+
+def test_inference_halves_the_batch_on_out_of_memory(engine):
+    prompts = [p["prompt"] for p in pairs(engine, 8)]
+    want, _ = engine.next_token_probs("m0", prompts, "Score:", list("12345"), batch_size=8)
+    calls: list[int] = []
+    handle = engine.model.get_base_model().register_forward_pre_hook(_oom_above(2, calls), with_kwargs=True)
+    try:
+        got, _ = engine.next_token_probs("m0", prompts, "Score:", list("12345"), batch_size=8)
+        texts = engine.generate("m0", prompts[:3], max_new_tokens=2, batch_size=8)
+    finally:
+        handle.remove()
+    assert calls[:3] == [8, 4, 2] and got == pytest.approx(want, abs=2e-3)
+    assert len(texts) == 3
+
+
+def test_training_retries_out_of_memory_with_the_same_effective_batch(engine, tmp_path):
+    calls: list[int] = []
+    handle = engine.model.get_base_model().register_forward_pre_hook(_oom_above(4, calls), with_kwargs=True)
+    try:
+        result = engine.train("m3", pairs(engine, 8), STEPS, tmp_path)
+    finally:
+        handle.remove()
+    assert calls[0] == 8 and max(calls[1:]) <= 4 and result["steps"] > 0
+    engine.delete_adapter("m3")

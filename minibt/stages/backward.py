@@ -15,7 +15,7 @@ INSTRUCTION_BUDGET = 64  # tokens kept free after the output for the instruction
 def backward_prompt(engine: Engine, output: str, room: int) -> str:
     """The rendered myx prompt for `output`, the output clipped so `room` tokens remain for the instruction."""
     overhead = engine.count_tokens(engine.render(prompts.backward_messages(""))) + 8
-    text, _ = engine.clip_text(output, max(16, engine.model_cfg.max_length - room - overhead))
+    text = engine.clip_text(output, max(16, engine.model_cfg.max_length - room - overhead))
     return engine.render(prompts.backward_messages(text))
 
 

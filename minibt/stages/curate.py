@@ -26,7 +26,7 @@ RUBRIC_ANSWER_ROOM = 8  # tokens after the rubric prompt: "Score: N" and EOS
 
 def rubric_prompt(engine: Engine, instruction: str, output: str, room: int) -> str:
     overhead = engine.count_tokens(engine.render(prompts.rubric_messages(instruction, ""))) + 8
-    text, _ = engine.clip_text(output, max(16, engine.model_cfg.max_length - room - overhead))
+    text = engine.clip_text(output, max(16, engine.model_cfg.max_length - room - overhead))
     return engine.render(prompts.rubric_messages(instruction, text))
 
 
