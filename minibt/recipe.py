@@ -78,6 +78,8 @@ class SeedSection:
     def check(self, key: str) -> None:
         _source(key, self.path, self.dataset)
         _in_range(f"{key}.max_bad_fraction", self.max_bad_fraction, 0.0, 1.0)
+        if self.limit is not None:
+            _positive(f"{key}.limit", self.limit)
         bad = set(self.columns) - {"instruction", "output"}
         if bad:
             raise RecipeError(f"{key}.columns: unknown target {sorted(bad)[0]!r} (use instruction, output)")
@@ -100,6 +102,9 @@ class CorpusSection:
 
     def check(self, key: str) -> None:
         _source(key, self.path, self.dataset)
+        _in_range(f"{key}.max_bad_fraction", self.max_bad_fraction, 0.0, 1.0)
+        if self.limit is not None:
+            _positive(f"{key}.limit", self.limit)
         if self.max_chars and self.max_chars < self.min_chars:
             raise RecipeError(f"{key}.max_chars: {self.max_chars} is below min_chars {self.min_chars}")
 

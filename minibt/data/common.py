@@ -36,7 +36,8 @@ class BadRows:
         """Warn about skipped rows; raise DataError when their share is above `max_fraction`."""
         if not self.count:
             return
-        detail = f"{self.count} of {read} rows malformed ({'; '.join(self.first)}{'; ...' if self.count > len(self.first) else ''})"
+        more = "; ..." if self.count > len(self.first) else ""
+        detail = f"{self.count} of {read} rows malformed ({'; '.join(self.first)}{more})"
         if self.count > max_fraction * read:
             raise DataError(f"{self.source}: {detail}, more than {self.key}.max_bad_fraction={max_fraction}")
         log.warning("%s: skipped %s", self.source, detail)

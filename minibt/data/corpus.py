@@ -40,7 +40,8 @@ CHROME_PHRASES = re.compile(
     r"|share on (facebook|twitter|linkedin)|click here to"
 )
 CHROME_LINES = re.compile(
-    r"^\W*(©|copyright\b|(log ?in|log ?out|sign (in|up|out)|register|read more|subscribe|menu|search|home|next|previous)\W*$)"
+    r"^\W*(©|copyright\b"
+    r"|(log ?in|log ?out|sign (in|up|out)|register|read more|subscribe|menu|search|home|next|previous)\W*$)"
 )
 BOILERPLATE_MAX_LINE_CHARS = 100  # a longer line that mentions "privacy policy" is prose, not chrome
 NAV_SEPARATORS = re.compile(r"\s[|•·»›>/]\s")
@@ -174,7 +175,9 @@ def _hub_rows(section: CorpusSection) -> Iterator[tuple[str, Optional[Any], Opti
     ds = load_hub(section.dataset, section.name, section.split, streaming=True)
     columns = ds.column_names  # None when the hub does not declare features
     if columns is not None and section.text_column not in columns:
-        raise DataError(f"{_source(section)}: no column {section.text_column!r} (columns: {columns}); set corpus.text_column")
+        raise DataError(
+            f"{_source(section)}: no column {section.text_column!r} (columns: {columns}); set corpus.text_column"
+        )
     for i, row in enumerate(ds):
         # hub rows can carry large extra fields (html, metadata): only the text travels on
         yield f"row {i}", {section.text_column: row.get(section.text_column)}, None
@@ -258,7 +261,8 @@ def clean_passage(text: str, min_chars: int = 1) -> Optional[str]:
     lines = text.split("\n")
     content = [line for line in lines if line.strip()]
     boiler = {i for i, line in enumerate(lines) if _is_boilerplate(line)}
-    junk = sum(len(line) for i, line in enumerate(lines) if i in boiler or (len(content) >= MIN_LINES_FOR_SHORT and _is_short(line)))
+    menu_like = len(content) >= MIN_LINES_FOR_SHORT
+    junk = sum(len(line) for i, line in enumerate(lines) if i in boiler or (menu_like and _is_short(line)))
     if junk > MAX_JUNK_SHARE * sum(len(line) for line in content):
         return None
     kept = "\n".join(line for i, line in enumerate(lines) if i not in boiler)

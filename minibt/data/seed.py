@@ -53,7 +53,8 @@ def _read(section: SeedSection) -> tuple[str, set[str], list[Record]]:
     """(source name for messages, the column names seen, every record). Seeds are small: all in memory."""
     if section.dataset:
         ds = load_hub(section.dataset, None, section.split, streaming=False)
-        return f"{section.dataset}[{section.split}]", set(ds.column_names), [(f"row {i}", r, None) for i, r in enumerate(ds)]
+        records = [(f"row {i}", r, None) for i, r in enumerate(ds)]
+        return f"{section.dataset}[{section.split}]", set(ds.column_names), records
     path = Path(section.path or "")
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
@@ -109,7 +110,9 @@ def _detect(section: SeedSection, columns: set[str], source: str) -> str:
         return "messages"
     if any(set(p) <= columns for p in PAIR_COLUMNS):
         return "pairs"
-    raise DataError(f"{source}: cannot tell the seed format from columns {sorted(columns)}; set seed.format and seed.columns")
+    raise DataError(
+        f"{source}: cannot tell the seed format from columns {sorted(columns)}; set seed.format and seed.columns"
+    )
 
 
 def _pair_columns(section: SeedSection, columns: set[str], source: str) -> dict[str, Optional[str]]:
@@ -117,13 +120,17 @@ def _pair_columns(section: SeedSection, columns: set[str], source: str) -> dict[
     cols: dict[str, Optional[str]] = {"instruction": instruction, "output": output, **section.columns}
     for target in ("instruction", "output"):
         if cols[target] not in columns:
-            raise DataError(f"{source}: no column {cols[target]!r} for the {target} (columns: {sorted(columns)}); set seed.columns")
+            raise DataError(
+                f"{source}: no column {cols[target]!r} for the {target} (columns: {sorted(columns)}); set seed.columns"
+            )
     # alpaca: a non-empty `input` belongs to the instruction
     cols["input"] = "input" if cols["instruction"] == "instruction" and "input" in columns else None
     return cols
 
 
-def _row_pairs(records: Iterable[Record], bad: BadRows, cols: Optional[dict[str, Optional[str]]]) -> list[dict[str, str]]:
+def _row_pairs(
+    records: Iterable[Record], bad: BadRows, cols: Optional[dict[str, Optional[str]]]
+) -> list[dict[str, str]]:
     """One pair per row: `cols` for the pairs format, None for chat messages."""
     pairs = []
     for where, row, why in records:
