@@ -48,6 +48,12 @@ def resolve_backend(requested: str) -> str:
     return "transformers"
 
 
+def import_backend(requested: str) -> None:
+    """Import unsloth before anything imports transformers, when unsloth will be used (it patches them)."""
+    if resolve_backend(requested) == "unsloth":
+        import unsloth  # noqa: F401
+
+
 def compute_dtype(name: str) -> torch.dtype:
     if name != "auto":
         return getattr(torch, name)
@@ -561,6 +567,12 @@ def _load_unsloth(cfg: ModelSection, lora: LoraSection, seed: int) -> tuple[Any,
         trust_remote_code=cfg.trust_remote_code,
         use_safetensors=True,
     )
+    # unsloth's CPU fallback quietly loads 16-bit weights when bitsandbytes 4-bit fails on this CPU
+    # (or UNSLOTH_CPU_LOAD_IN_4BIT=0); this backend promises a 4-bit base, so refuse instead
+    import bitsandbytes as bnb
+
+    if not any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules()):
+        raise MinibtError(f"model.backend: unsloth loaded {cfg.name} without 4-bit layers; use model.backend=transformers")
     if not has_gpu():
         guard_bnb_cpu(model)  # unsloth's CPU fallback does this too; harmless to repeat
     # unsloth cannot name this adapter; it becomes the placeholder that role adapters replace
@@ -571,7 +583,8 @@ def _load_unsloth(cfg: ModelSection, lora: LoraSection, seed: int) -> tuple[Any,
         lora_dropout=lora.dropout,
         target_modules=list(lora.target_modules),
         bias="none",
-        use_gradient_checkpointing="unsloth",
+        # on CPU "unsloth" is plain recomputation: only costs time (the transformers backend skips it too)
+        use_gradient_checkpointing="unsloth" if has_gpu() else False,
         random_state=seed,
     )
     return model, tokenizer

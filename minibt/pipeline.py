@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 from minibt import io
-from minibt.engine import Engine
+from minibt.engine import Engine, import_backend
 from minibt.recipe import Recipe
 from minibt.rundir import RunDir
-from minibt.stages.augment import augment
+from minibt.stages.augment import TRUNCATED, augment
 from minibt.stages.backward import MYX, train_myx
 from minibt.stages.curate import curate
 from minibt.stages.forward import train_forward
@@ -37,6 +37,7 @@ def plan(recipe: Recipe) -> list[str]:
 
 
 def run(recipe: Recipe, out: str | Path, fresh: bool = False) -> RunDir:
+    import_backend(recipe.model.backend)
     rd = RunDir.create(out, recipe, fresh=fresh)
     if not rd.done("prepare"):
         with rd.stage("prepare") as counts:
@@ -53,10 +54,9 @@ def run(recipe: Recipe, out: str | Path, fresh: bool = False) -> RunDir:
     if not rd.done("augment"):
         need(rd, engine, MYX)
         with rd.stage("augment") as counts:
-            cut = engine.truncated
             augmented = augment(rd, engine, recipe, corpus)
             counts.update(texts=len(corpus), empty_instructions=sum(not r["instruction"].strip() for r in augmented),
-                          truncated=engine.truncated - cut)
+                          truncated=sum(bool(r.get(TRUNCATED)) for r in augmented))
     augmented = io.read_jsonl(rd.data("augmented"))
 
     # The seed-only forward model M0: the first curator
@@ -68,8 +68,7 @@ def run(recipe: Recipe, out: str | Path, fresh: bool = False) -> RunDir:
         if not rd.done(f"curate_r{k}"):
             need(rd, engine, curator)
             with rd.stage(f"curate_r{k}") as counts:
-                cut = engine.truncated
-                counts.update(curate(rd, engine, recipe, k, curator, augmented)[1], truncated=engine.truncated - cut)
+                counts.update(curate(rd, engine, recipe, k, curator, augmented)[1])
         curated = io.read_jsonl(rd.data(f"curated_r{k}"))
         adapter_stage(rd, engine, name, name, lambda work: train_forward(engine, recipe, name, seed, curated, work))
 

@@ -16,7 +16,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from minibt import prompts
-from minibt.engine import BASE, Engine
+from minibt.engine import BASE, Engine, import_backend
 from minibt.errors import MinibtError
 from minibt.rundir import RunDir
 from minibt.stages.backward import MYX, backward_prompt
@@ -30,6 +30,7 @@ class Session:
 
         self.run = RunDir.open(path)
         self.recipe = self.run.recipe()
+        import_backend(self.recipe.model.backend)
         self.engine: Engine = open_engine(self.recipe)
         wanted = list(adapters) if adapters is not None else self.run.adapter_names()
         for name in wanted:

@@ -111,7 +111,7 @@ def test_adapter_names_are_checked(engine):
 # --- the bitsandbytes CPU gradient trap (STACK-NOTES) ----------------------------------------
 
 
-def _lora_grads_vs_dequantized_reference(model_dir: str) -> float:
+def _lora_grads_vs_dequantized_reference(model_dir: str, backend: str = "auto") -> float:
     """Largest relative error of 4-bit LoRA gradients, after an inference pass, vs an fp32 reference.
 
     The reference is the same network with each NF4 weight dequantized into plain fp32 Linear layers
@@ -121,7 +121,7 @@ def _lora_grads_vs_dequantized_reference(model_dir: str) -> float:
     from peft import get_peft_model, set_peft_model_state_dict, get_peft_model_state_dict
     from transformers import AutoModelForCausalLM
 
-    e = Engine.load(ModelSection(name=model_dir, max_length=128), LoraSection(r=8, alpha=16), seed=0)
+    e = Engine.load(ModelSection(name=model_dir, backend=backend, max_length=128), LoraSection(r=8, alpha=16), seed=0)
     e.add_adapter("m0")
     for n, p in e.model.named_parameters():  # non-zero B, so every LoRA weight gets a gradient
         if "lora_B" in n:

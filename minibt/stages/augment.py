@@ -8,7 +8,9 @@ from minibt.engine import Engine
 from minibt.recipe import Recipe
 from minibt.rundir import RunDir
 from minibt.stages.backward import MYX, backward_prompt
-from minibt.stages.shards import map_shards
+from minibt.stages.shards import build_prompts, map_shards
+
+TRUNCATED = "truncated_for_myx"  # the row's text was cut to fit myx's context
 
 
 def augment(run: RunDir, engine: Engine, recipe: Recipe, corpus: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -19,7 +21,7 @@ def augment(run: RunDir, engine: Engine, recipe: Recipe, corpus: list[dict[str, 
     cfg = recipe.augment
 
     def shard(rows: list[dict[str, Any]], k: int, bar: Any) -> list[dict[str, Any]]:
-        texts = [backward_prompt(engine, r["text"], cfg.max_new_tokens) for r in rows]
+        texts, rows = build_prompts(engine, rows, lambda r: backward_prompt(engine, r["text"], cfg.max_new_tokens), TRUNCATED)
         instructions = engine.generate(
             MYX,
             texts,

@@ -19,9 +19,10 @@ from minibt.engine import BASE, Engine
 from minibt.recipe import Recipe
 from minibt.rundir import RunDir
 from minibt.stages.forward import forward_prompt
-from minibt.stages.shards import map_shards
+from minibt.stages.shards import build_prompts, map_shards
 
 RUBRIC_ANSWER_ROOM = 8  # tokens after the rubric prompt: "Score: N" and EOS
+TRUNCATED = "truncated_for_rubric"  # the pair's output was cut to fit the rubric prompt
 
 
 def rubric_prompt(engine: Engine, instruction: str, output: str, room: int) -> str:
@@ -43,13 +44,15 @@ def score_pairs(engine: Engine, recipe: Recipe, curator: str, rows: list[dict[st
             bar.update(len(rows))
         return [{**r, "score": round(float(g - a), 4)} for r, g, a in zip(rows, given, alone)]
     if cfg.mode == "generate":
+        texts, rows = build_prompts(engine, rows, lambda r: rubric_prompt(engine, r["instruction"], r["output"], cfg.reasoning_tokens), TRUNCATED)
         texts = engine.generate(
-            curator, [rubric_prompt(engine, r["instruction"], r["output"], cfg.reasoning_tokens) for r in rows],
+            curator, texts,
             max_new_tokens=cfg.reasoning_tokens, batch_size=cfg.batch_size, progress=bar,
         )
         return [{**r, "rating": t, "score": prompts.parse_score(t)} for r, t in zip(rows, texts)]
+    texts, rows = build_prompts(engine, rows, lambda r: rubric_prompt(engine, r["instruction"], r["output"], RUBRIC_ANSWER_ROOM), TRUNCATED)
     probs, mass = engine.next_token_probs(
-        curator, [rubric_prompt(engine, r["instruction"], r["output"], RUBRIC_ANSWER_ROOM) for r in rows],
+        curator, texts,
         prompts.SCORE_PREFIX, prompts.SCORE_CHOICES, batch_size=cfg.batch_size, progress=bar,
     )
     values = np.arange(1, len(prompts.SCORE_CHOICES) + 1)
@@ -90,6 +93,7 @@ def curate(run: RunDir, engine: Engine, recipe: Recipe, round_: int, curator: st
         "unparseable_rate": round(unparseable / max(1, len(scored)), 4),
         "kept": len(kept),
         "dropped": len(scored) - len(kept),
+        "truncated": sum(bool(r.get(TRUNCATED)) for r in scored),
         "threshold": cfg.threshold,
         "curator": curator,
     }

@@ -47,3 +47,16 @@ def map_shards(
         log.info("%s: reused %d finished shard(s) of %d", name, reused, n_shards)
     io.write_jsonl(run.data(name), out)
     return out
+
+
+def build_prompts(engine: Any, rows: list[dict[str, Any]], build: Callable[[dict[str, Any]], str], mark: str) -> tuple[list[str], list[dict[str, Any]]]:
+    """Prompts for rows, and the rows marked `<mark>: true` where a text had to be cut to fit.
+
+    The mark travels with the row into its shard file, so counts survive a resumed run.
+    """
+    prompts, marked = [], []
+    for r in rows:
+        before = engine.truncated
+        prompts.append(build(r))
+        marked.append({**r, mark: True} if engine.truncated > before else r)
+    return prompts, marked
