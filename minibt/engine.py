@@ -88,7 +88,10 @@ class Engine:
         torch.manual_seed(seed)
         t0 = time.time()
         loader = _load_unsloth if backend == "unsloth" else _load_transformers
-        model, tokenizer = loader(model_cfg, lora, seed)
+        try:
+            model, tokenizer = loader(model_cfg, lora, seed)
+        except OSError as e:  # not on the hub, no network, gated repo, missing files
+            raise MinibtError(f"model.name: cannot load {model_cfg.name}: {str(e).splitlines()[0]}") from None
         _set_chat_template(tokenizer, model_cfg)
         log.info("loaded %s (%s, %s) in %.1fs", model_cfg.name, backend, model_cfg.quantization, time.time() - t0)
         return cls(model, tokenizer, backend, model_cfg, lora, seed)
@@ -537,11 +540,19 @@ def guard_bnb_cpu(model: Any) -> int:
     return n
 
 
+def _require_safetensors(name: str) -> None:
+    """Pickled weights can run code when loaded: a local base must come as safetensors."""
+    path = Path(name).expanduser()
+    if path.is_dir() and not any(path.glob("*.safetensors")):
+        raise MinibtError(f"model.name: {name} has no .safetensors weights (minibt loads safetensors only)")
+
+
 def _load_transformers(cfg: ModelSection, lora: LoraSection, seed: int) -> tuple[Any, Any]:
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     dtype = compute_dtype(cfg.dtype)
+    _require_safetensors(cfg.name)
     common = dict(revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
     tokenizer = AutoTokenizer.from_pretrained(cfg.name, **common)
     kwargs: dict[str, Any] = dict(dtype=dtype, use_safetensors=True, device_map={"": "cuda:0" if has_gpu() else "cpu"})
@@ -558,6 +569,7 @@ def _load_unsloth(cfg: ModelSection, lora: LoraSection, seed: int) -> tuple[Any,
     from unsloth import FastLanguageModel  # patches transformers/trl on import
 
     dtype = compute_dtype(cfg.dtype)
+    _require_safetensors(cfg.name)
     model, tokenizer = FastLanguageModel.from_pretrained(
         model_name=cfg.name,
         max_seq_length=cfg.max_length,

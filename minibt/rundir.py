@@ -54,7 +54,8 @@ class RunDir:
         if (path / "recipe.yaml").exists():
             old = yaml.safe_load((path / "recipe.yaml").read_text())
             diff = _first_difference(old, resolved)
-            if diff:
+            finished = any(s.get("status") == "done" for s in run.manifest.get("stages", {}).values())
+            if diff and finished:  # nothing finished yet (a fixed typo, say): the new recipe simply applies
                 raise MinibtError(
                     f"{path} holds a run made by a different recipe ({diff}); "
                     f"pass --fresh to start over there, or --out DIR for a new run"

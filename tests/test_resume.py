@@ -132,3 +132,19 @@ def test_same_seed_same_curated_set(root):
         finish(start(root, "reference"))
     finish(start(root, "again"))
     assert results(root / "again") == results(root / "reference")
+
+
+def test_ctrl_c_stops_cleanly_and_says_how_to_resume(root):
+    proc = start(root, "interrupted")
+    out = root / "interrupted"
+    ready = KILL_POINTS["augment"]
+    deadline = time.time() + 240
+    while not ready(out) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, output[-2000:]
+    assert "rerun the same command to resume" in output and "Traceback" not in output
+    assert status(out, "augment") == "failed" and "KeyboardInterrupt" in manifest(out)["stages"]["augment"]["error"]
+    finish(start(root, "interrupted"))
+    assert status(out, "augment") == "done"
