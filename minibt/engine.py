@@ -31,6 +31,9 @@ log = logging.getLogger("minibt.engine")
 
 BASE = "base"  # the adapter name that means "no adapter"
 _PLACEHOLDER = "default"  # the backends' first adapter; deleted once a role adapter exists
+# attention implementations whose kernels read packed-row boundaries from position_ids (trl 1.14's list)
+_FLASH_ATTENTION = {"flash_attention_2", "flash_attention_3", "kernels-community/flash-attn2",
+                    "kernels-community/flash-attn3", "kernels-community/vllm-flash-attn3"}
 
 
 def has_gpu() -> bool:
@@ -107,8 +110,6 @@ class Engine:
     def add_adapter(self, name: str) -> None:
         """A fresh LoRA adapter `name` (initialised from the run seed and the name, so reproducible)."""
         self._check_new(name)
-        from peft import LoraConfig
-
         torch.manual_seed(self.seed + sum(map(ord, name)))
         self.model.add_adapter(name, _lora_config(self.lora))
         self._drop_placeholder()
@@ -218,6 +219,29 @@ class Engine:
             self.delete_adapter(name)
             return self.train(name, rows, smaller, work_dir)
 
+    def packing(self, requested: bool) -> bool:
+        """Whether training packs rows (trl `packing`, strategy bfd), given the recipe's `packing` switch.
+
+        trl 1.14's bfd packing is padding-free: each batch becomes ONE row, the examples' boundaries
+        marked only by position_ids restarting at 0, with no attention mask. Flash-attention varlen
+        kernels and unsloth's packed attention (GPU) read those boundaries. sdpa and eager depend on
+        transformers deriving a block-diagonal mask from position_ids, which it skips whenever a KV
+        cache object exists (config.use_cache=True, as minibt loads for generation): packed examples
+        then attend to each other (measured on the toy base: logits off by ~10, tests/test_bench.py),
+        and even where the mask is built it spans the whole flattened batch (quadratic, no speedup).
+        So packing runs on the unsloth backend on a GPU or a flash-attention model only; otherwise
+        the switch is ignored with a warning and batches are padded. (On the unsloth backend,
+        unsloth itself also turns padding-free batching on when it measures it faster.)
+        """
+        if not requested:
+            return False
+        attn = str(getattr(self.model.config, "_attn_implementation", "") or "").split("@")[0].split(":")[0]
+        if (self.backend == "unsloth" and has_gpu()) or attn in _FLASH_ATTENTION:
+            return True
+        log.warning("packing: off (attention %r would let packed examples see each other; packing needs "
+                    "flash-attention or unsloth on a GPU): training on padded batches", attn)
+        return False
+
     def _train_once(self, name: str, rows: Sequence[dict[str, str]], cfg: TrainSection, work_dir: str | os.PathLike) -> dict:
         from datasets import Dataset
         from trl import SFTConfig, SFTTrainer
@@ -236,7 +260,7 @@ class Engine:
             warmup_steps=cfg.warmup_ratio,  # transformers 5: a float < 1 is a ratio
             weight_decay=cfg.weight_decay,
             max_length=self.model_cfg.max_length,
-            packing=cfg.packing,
+            packing=self.packing(cfg.packing),
             completion_only_loss=True,
             gradient_checkpointing=cfg.gradient_checkpointing and gpu,
             bf16=gpu and self.dtype == torch.bfloat16,
@@ -245,7 +269,8 @@ class Engine:
             optim="adamw_torch",
             logging_steps=max(1, min(10, cfg.max_steps if cfg.max_steps > 0 else 10)),
             save_strategy="no",
-            report_to="none",
+            report_to=getattr(cfg, "report_to", "none"),  # tensorboard writes under output_dir (the run's work dir)
+            run_name=name,
             seed=self.seed,
             data_seed=self.seed,
             dataloader_num_workers=0,
@@ -421,7 +446,10 @@ class Engine:
         def step(_: int, idx: list[int]) -> None:
             input_ids, mask = self._left_pad([encoded[i] for i in idx])
             position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-            logits = self.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids).logits[:, -1, :]
+            # only the last position's logits: the LM head over every prompt position is wasted work
+            # (with a 128k vocabulary, [batch, 1024, 128256] fp32 logits alone are 8 GB at batch 16)
+            logits = self.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
+                                **self._last_logits_only()).logits[:, -1, :]
             probs[idx] = torch.softmax(logits.float(), dim=-1)[:, choice_index].cpu().numpy()
 
         with self.use(adapter):
@@ -456,6 +484,15 @@ class Engine:
         return out
 
     # --- helpers -------------------------------------------------------------------------
+
+    def _last_logits_only(self) -> dict[str, int]:
+        """{"logits_to_keep": 1} when the base model's forward takes it (transformers >= 4.50), else {}."""
+        if not hasattr(self, "_logits_kwarg"):
+            import inspect
+
+            base = self.model.get_base_model()
+            self._logits_kwarg = "logits_to_keep" in inspect.signature(base.forward).parameters
+        return {"logits_to_keep": 1} if self._logits_kwarg else {}
 
     def _require(self, name: str) -> None:
         if name not in self.adapters:

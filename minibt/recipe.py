@@ -121,8 +121,16 @@ class TrainSection:
     weight_decay: float = 0.0
     packing: bool = False
     gradient_checkpointing: bool = True  # GPU only; off on CPU where it only costs time
+    # training logs also go to tensorboard (under the run's work/<adapter>/runs/) or wandb
+    report_to: Literal["none", "tensorboard", "wandb"] = "none"
 
     def check(self, key: str) -> None:
+        if self.report_to != "none":
+            import importlib.util
+
+            module = {"tensorboard": "tensorboard", "wandb": "wandb"}[self.report_to]
+            if importlib.util.find_spec(module) is None:
+                raise RecipeError(f"{key}.report_to: {self.report_to} is not installed (pip install {module})")
         _positive(f"{key}.epochs", self.epochs)
         _positive(f"{key}.learning_rate", self.learning_rate)
         _positive(f"{key}.batch_size", self.batch_size)
@@ -243,7 +251,9 @@ def from_dict(raw: dict[str, Any], base_dir: Path | None = None) -> Recipe:
     else:
         from minibt.toy.world import WorldConfig  # the toy world validates its own section
 
-        recipe.toy = dataclasses.asdict(_build(WorldConfig, recipe.toy, "toy"))
+        world = _build(WorldConfig, recipe.toy, "toy")
+        _check(world, "toy")
+        recipe.toy = dataclasses.asdict(world)
     return recipe
 
 

@@ -72,6 +72,8 @@ def test_missing_recipe_file(tmp_path):
 def test_toy_section_is_validated_by_the_world(tmp_path):
     with pytest.raises(RecipeError, match=r"toy.entites: unknown key \(did you mean toy.entities\?\)"):
         load_recipe(RECIPES / "toy.yaml", ["toy.entites=3"])
+    with pytest.raises(RecipeError, match=r"toy.corpus_entities: must be below entities"):
+        load_recipe(RECIPES / "toy.yaml", ["toy.corpus_entities=500"])
 
 
 @pytest.mark.parametrize("path", sorted(RECIPES.glob("*.yaml")), ids=lambda p: p.name)

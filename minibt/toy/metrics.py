@@ -13,7 +13,8 @@ from minibt.toy.world import answer_is_correct, instruction_asks_for
 def backward_accuracy(generated_instructions: Sequence[str], backward_eval_rows: Sequence[dict]) -> float:
     """Share of generated instructions that ask for exactly the row's entity and attribute."""
     _same_length(generated_instructions, backward_eval_rows)
-    hits = [instruction_asks_for(g, r["entity"], r["attribute"]) for g, r in zip(generated_instructions, backward_eval_rows)]
+    rows = zip(generated_instructions, backward_eval_rows)
+    hits = [instruction_asks_for(g, r["entity"], r["attribute"]) for g, r in rows]
     return _percent(sum(hits), len(hits))
 
 
