@@ -62,7 +62,8 @@ def compute_dtype(name: str) -> torch.dtype:
         return getattr(torch, name)
     if not has_gpu():
         return torch.float32
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16  # T4: float16
+    # torch counts emulated bf16 as supported (a T4 says yes): ask for the real thing
+    return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
 
 
 class Engine:
@@ -280,7 +281,13 @@ class Engine:
         t0 = time.time()
         with self.use(name, trainable=True):
             trainer = SFTTrainer(model=self.model, args=args, train_dataset=dataset, processing_class=self.tokenizer)
-            # trl casts trainable QLoRA weights to bf16 when building the trainer: check again after
+            if args.fp16:
+                # trl casts trainable QLoRA weights to bf16 whatever the precision; fp16's gradient scaler
+                # cannot unscale bf16 gradients, and mixed precision wants fp32 master weights anyway
+                for p in self.model.parameters():
+                    if p.requires_grad:
+                        p.data = p.data.float()
+            # check again after the trainer touched the weights
             self.check_trainable(name)
             result = trainer.train()
         self._mode(training=False)

@@ -1,0 +1,179 @@
+"""The shipped recipes dry-run clean (plan and memory estimate, nothing loaded, no network), say what
+the paper says where they claim to, and the Colab notebook is valid and runs README's commands."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+import minibt.memory as memory
+from minibt.cli import main
+from minibt.memory import GiB, estimate
+from minibt.pipeline import plan
+from minibt.recipe import load_recipe
+
+ROOT = Path(__file__).parent.parent
+RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
+REAL = ["colab-t4.yaml", "gpu-24gb.yaml", "paper.yaml"]
+NOTEBOOK = ROOT / "notebooks" / "minibt_colab.ipynb"
+
+
+@pytest.fixture
+def nothing_loads(monkeypatch):
+    """Loading a model, building the toy base or reaching the hub fails the test."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a dry run must load nothing")
+
+    import transformers
+
+    import minibt.engine
+    import minibt.toy.base
+
+    monkeypatch.setattr(minibt.engine.Engine, "load", classmethod(refuse))
+    monkeypatch.setattr(minibt.toy.base, "build_base", refuse)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
+    monkeypatch.setattr(memory, "_download_config", lambda *a: (_ for _ in ()).throw(OSError("offline (test)")))
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_dry_run_prints_plan_and_estimate_and_loads_nothing(path, nothing_loads, tmp_path, monkeypatch):
+    monkeypatch.setattr(memory, "load_config", lambda *a: None)  # as offline, even with a warm HF cache
+    out = tmp_path / "run"
+    result = CliRunner().invoke(main, ["run", str(path), "--dry-run", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    recipe = load_recipe(path)
+    assert "stages: " + " -> ".join(plan(recipe)) in result.output
+    assert "memory estimate (peak GPU memory in GiB: an estimate" in result.output
+    assert re.search(r"max: \d+\.\d\d GiB \(estimated\), in \w+", result.output)
+    for stage in plan(recipe)[1:]:  # prepare runs on the CPU
+        assert re.search(rf"^  {stage} +\d+\.\d\d", result.output, re.M), stage
+    if path.name in REAL:
+        assert "estimated from a known shape" in result.output
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("name, gib", [("colab-t4.yaml", 15.0), ("gpu-24gb.yaml", 23.0), ("paper.yaml", 23.0)])
+def test_real_recipes_fit_their_card_by_the_estimate(name, gib, monkeypatch):
+    """The named card's usable memory (T4: ~15 GiB; 24 GB cards: ~23.5) holds the worst-case estimate."""
+    monkeypatch.setattr(memory, "load_config", lambda *a: None)
+    est = estimate(load_recipe(ROOT / "recipes" / name))
+    assert est.shape is not None and est.peak.total < gib * GiB
+
+
+@pytest.mark.parametrize("name", REAL)
+def test_real_recipes_use_base_models_with_minibt_template(name):
+    r = load_recipe(ROOT / "recipes" / name)
+    assert "instruct" not in r.model.name.lower() and "chat" not in r.model.name.lower()  # base models, as the paper
+    assert r.model.chat_template == "minibt"  # base repos ship instruct templates with untrained header tokens
+    assert r.model.quantization == "nf4"
+    assert (r.seed.dataset, r.seed.format) == ("OpenAssistant/oasst1", "oasst")
+    assert r.corpus.dataset and (r.corpus.min_chars, r.corpus.max_chars) == (600, 3000)
+    assert (r.augment.temperature, r.augment.top_p) == (0.7, 0.9)
+    assert r.forward.tags
+
+
+def test_colab_recipe_fits_a_t4():
+    r = load_recipe(ROOT / "recipes" / "colab-t4.yaml")
+    assert r.model.dtype in ("float16", "auto")  # a T4 has no bfloat16
+    assert 10_000 <= r.corpus.limit < 100_000
+
+
+def test_paper_recipe_is_the_papers():
+    r = load_recipe(ROOT / "recipes" / "paper.yaml")
+    assert r.forward.rounds == 2
+    assert (r.curate.method, r.curate.score, r.curate.threshold) == ("rubric", "argmax", 5.0)
+    assert plan(r)[-4:] == ["curate_r1", "m1", "curate_r2", "m2"]
+
+
+# --- the notebook ---------------------------------------------------------------------------
+
+
+def _shell_lines(nb) -> list[str]:
+    """The notebook's `!minibt ...` commands, as a terminal would take them."""
+    return [line.strip()[1:].split("  #")[0].strip() for cell in nb.cells if cell.cell_type == "code"
+            for line in cell.source.splitlines() if line.strip().startswith("!minibt ")]
+
+
+def test_notebook_is_valid_and_runs_readmes_commands():
+    nbformat = pytest.importorskip("nbformat")
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    nbformat.validate(nb)
+    commands = _shell_lines(nb)
+    assert "minibt run recipes/colab-t4.yaml" in commands
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    for command in commands:
+        assert command in readme, f"the notebook runs {command!r}, which README does not give"
+    code = "\n".join(c.source for c in nb.cells if c.cell_type == "code")
+    assert 'pip install -q -e ".[unsloth]"' in code
+    assert "runs/colab-t4/data/curated_r1.jsonl" in code and "expected_score" in code
+    assert 'adapter="m0"' in code and 'adapter="m1"' in code and "minibt.open_run(" in code
+    assert "upload_folder(" in code and "/content/drive" in code
+
+
+def test_notebook_matches_its_build_script():
+    nbformat = pytest.importorskip("nbformat")
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("build_notebook", ROOT / "notebooks" / "build_notebook.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    built, saved = module.build(), nbformat.read(NOTEBOOK, as_version=4)
+    assert [(c.cell_type, c.source) for c in built.cells] == [(c.cell_type, c.source) for c in saved.cells], \
+        "notebooks/minibt_colab.ipynb is stale: run python notebooks/build_notebook.py"
+
+
+# --- the chat template the real recipes ask for ----------------------------------------------
+
+SHIPPED = {  # the kind of instruct template some BASE repos ship (Llama 3.x, Qwen2.5), in miniature
+    "llama3": "{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n{{ m['content'] }}<|eot_id|>{% endfor %}",
+    "qwen2.5": "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}",
+}
+
+
+def base_like_tokenizer(kind: str):
+    """A small tokenizer with the special tokens of a Llama-3 or Qwen2.5 BASE repo, and its shipped template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = {"llama3": ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
+                "qwen2.5": ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]}[kind]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(["### System:\n### User:\n### Assistant:\nhello world"],
+                            trainers.BpeTrainer(vocab_size=300, special_tokens=specials,
+                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    if kind == "llama3":  # Meta's base tokenizer: BOS <|begin_of_text|>, EOS <|end_of_text|>, no pad
+        fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>", eos_token="<|end_of_text|>")
+    else:  # Qwen2.5 base: no BOS, EOS = pad = <|endoftext|>
+        fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    fast.chat_template = SHIPPED[kind]
+    return fast
+
+
+@pytest.mark.parametrize("kind, eos", [("llama3", "<|end_of_text|>"), ("qwen2.5", "<|endoftext|>")])
+def test_minibt_template_ends_assistant_turns_with_the_base_eos(kind, eos):
+    """`chat_template: minibt` replaces a shipped template; the EOS that ends every assistant turn, that
+    trl appends to every completion and that generation stops on is the base's own end-of-text token."""
+    from minibt.engine import _set_chat_template
+    from minibt.prompts import CHAT_TEMPLATE
+    from minibt.recipe import ModelSection
+
+    shipped = base_like_tokenizer(kind)
+    _set_chat_template(shipped, ModelSection(name="x"))  # auto keeps what the repo shipped: the hazard
+    assert shipped.chat_template == SHIPPED[kind]
+
+    tok = base_like_tokenizer(kind)
+    _set_chat_template(tok, ModelSection(name="x", chat_template="minibt"))
+    assert tok.chat_template == CHAT_TEMPLATE and tok.eos_token == eos
+    assert tok.pad_token == eos  # Llama 3 base has no pad: EOS; Qwen2.5 base pads with its EOS already
+    turn = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "world"}]
+    assert tok.apply_chat_template(turn, tokenize=False).endswith(f"world{eos}\n\n")
+    prompt = tok.apply_chat_template(turn[:1], tokenize=False, add_generation_prompt=True)
+    assert prompt.endswith("### Assistant:\n") and "<|" not in prompt  # no header tokens a base never trained
+    ids = tok(prompt + "world" + tok.eos_token)["input_ids"]  # what trl trains on: completion + EOS text
+    assert ids[-1] == tok.eos_token_id and ids.count(tok.eos_token_id) == 1
