@@ -42,6 +42,8 @@ def run(recipe: Recipe, out: str | Path, fresh: bool = False) -> RunDir:
     if not rd.done("prepare"):
         with rd.stage("prepare") as counts:
             counts.update(prepare(rd, recipe))
+    if all(rd.done(stage) for stage in plan(recipe)):
+        return rd  # nothing left to do: don't load the base for nothing
     seed = io.read_jsonl(rd.data("seed"))
     corpus = io.read_jsonl(rd.data("corpus"))
 
@@ -68,7 +70,7 @@ def run(recipe: Recipe, out: str | Path, fresh: bool = False) -> RunDir:
         if not rd.done(f"curate_r{k}"):
             need(rd, engine, curator)
             with rd.stage(f"curate_r{k}") as counts:
-                counts.update(curate(rd, engine, recipe, k, curator, augmented)[1])
+                counts.update(curate(rd, engine, recipe, k, curator, augmented))
         curated = io.read_jsonl(rd.data(f"curated_r{k}"))
         adapter_stage(rd, engine, name, name, lambda work: train_forward(engine, recipe, name, seed, curated, work))
 

@@ -70,10 +70,11 @@ def score_pairs(engine: Engine, recipe: Recipe, curator: str, rows: list[dict[st
     return out
 
 
-def curate(run: RunDir, engine: Engine, recipe: Recipe, round_: int, curator: str, augmented: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict]:
+def curate(run: RunDir, engine: Engine, recipe: Recipe, round_: int, curator: str, augmented: list[dict[str, Any]]) -> dict[str, Any]:
     """Score every augmented pair with `curator`; keep those scoring >= curate.threshold.
 
-    Writes data/scored_r{k}.jsonl (every pair with its score) and data/curated_r{k}.jsonl (kept).
+    Writes data/scored_r{k}.jsonl (every pair with its score) and data/curated_r{k}.jsonl (kept);
+    returns the counts for the manifest.
     """
     cfg = recipe.curate
     candidates = [r for r in augmented if r["instruction"].strip()]
@@ -99,4 +100,4 @@ def curate(run: RunDir, engine: Engine, recipe: Recipe, round_: int, curator: st
     }
     if cfg.method == "rubric" and cfg.mode == "distribution":
         counts["histogram"] = {str(s): sum(r["argmax_score"] == s for r in scored) for s in range(1, 6)}
-    return kept, counts
+    return counts
