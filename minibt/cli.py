@@ -72,6 +72,9 @@ def run(recipe_path: Path, overrides: tuple[str, ...], out: Path | None, dry_run
         click.echo(yaml.safe_dump(recipe.to_dict(), sort_keys=False).rstrip())
         click.echo(f"\nrun directory: {out}")
         click.echo("stages: " + " -> ".join(plan(recipe)))
+        from minibt.memory import estimate, format_estimate  # reads at most the model's config.json
+
+        click.echo("\n" + format_estimate(estimate(recipe)))
         return
     _setup(recipe.run.threads)
     if recipe.model.trust_remote_code:
@@ -85,13 +88,20 @@ def run(recipe_path: Path, overrides: tuple[str, ...], out: Path | None, dry_run
 def summary(rd) -> str:
     """A few lines: what each stage kept, and the toy world's metrics when there are any."""
     lines = [f"run: {rd.path}  (base loaded {rd.manifest.get('base_loads', '?')}x, backend {rd.manifest.get('backend', '?')})"]
+    from minibt.report import describe_stage
+
     for name, entry in rd.manifest["stages"].items():
-        c = entry.get("counts", {})
-        keep = {k: c[k] for k in ("kept", "dropped", "texts", "train_loss", "steps", "unparseable") if k in c}
-        lines.append(f"  {name:<14} {entry['status']:<8} {entry.get('seconds', 0):>7.1f}s  {json.dumps(keep) if keep else ''}")
+        what = describe_stage(name, entry.get("counts", {}))  # kept/dropped per filter and threshold
+        lines.append(f"  {name:<14} {entry['status']:<8} {entry.get('seconds', 0):>7.1f}s  {what}")
     metrics = rd.path / "metrics.json"
     if metrics.exists():
-        lines.append("metrics: " + json.dumps(json.loads(metrics.read_text()), sort_keys=False))
+        from minibt.toy.evaluate import format_metrics
+
+        values = json.loads(metrics.read_text())
+        readable = format_metrics(values)  # the toy world's ground-truth metrics and the paper's claims
+        lines += [f"metrics ({metrics}):", *readable] if readable else ["metrics: " + json.dumps(values)]
+    if (rd.path / "report.md").exists():
+        lines.append(f"report: {rd.path / 'report.md'}  (plots in {rd.path / 'plots'})")
     return "\n".join(lines)
 
 
@@ -176,6 +186,107 @@ def _read_rows(path: Path, field: str) -> list[dict]:
     if not rows:
         raise DataError(f"{path}: no rows")
     return rows
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@_friendly
+def report(run_dir: Path) -> None:
+    """Rebuild RUN_DIR/report.md and its plots (the run rebuilds them after every stage)."""
+    from minibt.report import build_report
+    from minibt.rundir import RunDir
+
+    path = build_report(RunDir.open(run_dir).path)
+    click.echo(f"wrote {path}")
+
+
+@main.command(name="eval")
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--compare", nargs=2, default=("m1", "m0"), show_default=True, metavar="A B",
+              help="Pairwise: the win rate of adapter A over adapter B.")
+@click.option("--no-pairwise", is_flag=True, help="Skip the pairwise comparison.")
+@click.option("--instructions", type=click.Path(dir_okay=False, path_type=Path),
+              help="JSONL of held-out rows with 'instruction' (default: the toy world's data/eval.jsonl).")
+@click.option("--judge", help="Judge: an adapter of this run, or 'base' (the default).")
+@click.option("--judge-model", help="Judge: any causal LM (local folder or cached hub id), loaded on its own.")
+@click.option("--judge-quantization", type=click.Choice(["none", "nf4"]), default="none", show_default=True)
+@click.option("--limit", type=click.IntRange(min=1), help="Use the first N instructions.")
+@click.option("--max-new-tokens", default=256, show_default=True, help="Answer length for the pairwise comparison.")
+@click.option("--batch-size", default=8, show_default=True)
+@click.option("--ifeval", "ifeval_adapters", multiple=True, metavar="ADAPTER",
+              help="Run IFEval (lm-evaluation-harness, pip install 'minibt[eval]') on this adapter; repeatable.")
+@click.option("--ifeval-data", type=click.Path(dir_okay=False, path_type=Path),
+              help="A local JSONL in IFEval's format instead of google/IFEval from the hub.")
+@click.option("--ifeval-limit", type=click.IntRange(min=1), help="Use the first N IFEval prompts.")
+@click.option("--ifeval-max-tokens", default=1280, show_default=True)
+@click.option("--toy", is_flag=True, help="Recompute the toy world's ground-truth metrics.")
+@_friendly
+def eval_(run_dir: Path, compare: tuple[str, str], no_pairwise: bool, instructions: Path | None, judge: str | None,
+          judge_model: str | None, judge_quantization: str, limit: int | None, max_new_tokens: int, batch_size: int,
+          ifeval_adapters: tuple[str, ...], ifeval_data: Path | None, ifeval_limit: int | None, ifeval_max_tokens: int,
+          toy: bool) -> None:
+    """Evaluate a run: pairwise win rate (both answer orders), IFEval, toy metrics -> metrics.json, report.md."""
+    from minibt.evaluate import run_eval
+
+    _setup(1)
+    updates = run_eval(run_dir, compare=None if no_pairwise else compare, instructions=instructions, judge=judge,
+                       judge_model=judge_model, judge_quantization=judge_quantization, limit=limit,
+                       max_new_tokens=max_new_tokens, batch_size=batch_size, ifeval_adapters=ifeval_adapters,
+                       ifeval_data=ifeval_data, ifeval_limit=ifeval_limit, ifeval_max_tokens=ifeval_max_tokens, toy=toy)
+    for key, r in updates.get("pairwise", {}).items():
+        click.echo(f"pairwise {r['a']} vs {r['b']} (judge {r['judge']}, {r['n']} instructions, both orders): "
+                   f"win rate {r['win_rate']:.3f}, 95% CI [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}] "
+                   f"({r['wins']} wins, {r['ties']} ties, {r['losses']} losses)")
+    for adapter, r in updates.get("ifeval", {}).items():
+        click.echo(f"ifeval {adapter} ({r['n']} prompts): prompt-level strict {r['prompt_level_strict_acc']:.3f}, "
+                   f"instruction-level strict {r['inst_level_strict_acc']:.3f}")
+    if "forward_accuracy" in updates:
+        click.echo("toy metrics: " + json.dumps({k: v for k, v in updates.items() if k not in ("pairwise", "ifeval")}))
+    click.echo(f"results merged into {Path(run_dir) / 'metrics.json'} and {Path(run_dir) / 'report.md'}")
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--adapter", default="m1", show_default=True, help="The adapter of the run to export.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Folder to write.")
+@click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default="bfloat16", show_default=True,
+              help="dtype of the unquantized base the adapter is merged into.")
+@click.option("--adapter-only", is_flag=True, help="Export (and push) the PEFT adapter folder instead of a merged model.")
+@click.option("--force", is_flag=True, help="Replace a non-empty --out.")
+@click.option("--push-to-hub", "push_to_hub", metavar="REPO", help="Upload the result to this Hugging Face repo.")
+@click.option("--private", is_flag=True, help="Create the hub repo private.")
+@_friendly
+def export(run_dir: Path, adapter: str, out: Path | None, dtype: str, adapter_only: bool, force: bool,
+           push_to_hub: str | None, private: bool) -> None:
+    """Merge an adapter into a 16-bit copy of the base: a plain transformers folder (or push it)."""
+    from minibt.export import export as do_export
+
+    _setup(1)
+    folder = do_export(run_dir, adapter, out, dtype=dtype, adapter_only=adapter_only, force=force,
+                       push_to_hub=push_to_hub, private=private)
+    click.echo(f"exported {adapter} to {folder}" + (f" and pushed it to {push_to_hub}" if push_to_hub else ""))
+
+
+@main.command()
+@click.option("--quick", is_flag=True, help="CPU, toy world, a few minutes: the figures in README's Speed section.")
+@click.option("--json", "as_json", is_flag=True, help="Print ONE JSON object (every figure) as the last line.")
+@click.option("--recipe", "recipe_path", type=click.Path(dir_okay=False), default=None,
+              help="A recipe with a `toy` section (default: recipes/toy.yaml).")
+@click.option("--set", "overrides", multiple=True, metavar="section.key=value", help="Recipe overrides (repeatable).")
+@click.option("--gpu-config", type=click.Choice(["llama-3.2-1b", "llama-3.1-8b"]), default=None,
+              help="GPU only: a random-weight Llama of this real shape instead of the toy base (bench/gpu.md).")
+@click.option("--backend", type=click.Choice(["auto", "unsloth", "transformers"]), default="auto", show_default=True)
+@click.option("--out", type=click.Path(dir_okay=False), default=None, help="Also write the JSON here.")
+@_friendly
+def bench(quick: bool, as_json: bool, recipe_path: str | None, overrides: tuple[str, ...], gpu_config: str | None,
+          backend: str, out: str | None) -> None:
+    """Measure minibt side by side with the plain way: generation, curation, training (bench/README.md)."""
+    _setup(1)
+    if as_json:
+        logging.getLogger().setLevel(logging.WARNING)
+    from minibt.bench import main as bench_main
+
+    bench_main(quick, as_json, recipe_path, overrides, gpu_config, backend, out)
 
 
 if __name__ == "__main__":

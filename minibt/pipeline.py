@@ -88,17 +88,19 @@ def run(recipe: Recipe, out: str | Path, fresh: bool = False) -> RunDir:
 
 def load_engine(rd: RunDir, recipe: Recipe) -> Engine:
     """Load the one base model of this run and record it in the manifest."""
-    engine = open_engine(recipe)
+    engine = open_engine(recipe, rd.manifest.get("base_model"))
     rd.manifest.update(base_model=engine.model_cfg.name, backend=engine.backend, base_loads=engine.base_loads)
     rd.save()
     return engine
 
 
-def open_engine(recipe: Recipe) -> Engine:
-    """Load the recipe's base model (the toy world's pretrained base, from cache, when there is one)."""
+def open_engine(recipe: Recipe, base_model: str | None = None) -> Engine:
+    """Load the recipe's base model: for the toy world, the run's own pretrained base (`base_model`
+    from its manifest, so later changes to the world's code cannot swap it), else built or cached."""
     model = recipe.model
     if recipe.toy is not None:
-        model = dataclasses.replace(model, name=str(toy_base(recipe)))
+        own = base_model if base_model and Path(base_model).is_dir() else None
+        model = dataclasses.replace(model, name=own or str(toy_base(recipe)))
     return Engine.load(model, recipe.lora, seed=recipe.run.seed)
 
 

@@ -59,10 +59,37 @@ def rubric_messages(instruction: str, output: str) -> Messages:
     return [{"role": "user", "content": RUBRIC.format(instruction=instruction, output=output)}]
 
 
-_SCORE_RE = re.compile(r"score\s*[:=]?\s*\**\s*([1-5])(?:\s*/\s*5)?", re.IGNORECASE)
+# "Score: 4", "**Score:** 4", "**Score**: 4", "score = 3", "Score: 4/5", "Score: 4." ; not "Score: 10" nor "4.5"
+_SCORE_RE = re.compile(r"score\**\s*[:=]?\s*\**\s*([1-5])(?!\d|\.\d)(?:\s*/\s*5)?", re.IGNORECASE)
 
 
 def parse_score(text: str) -> int | None:
     """The last "Score: N" in a generated rating, tolerant of case, markdown and "N/5"; None if absent."""
     found = _SCORE_RE.findall(text)
     return int(found[-1]) if found else None
+
+
+# `minibt eval`: a judge compares two answers; its next-token distribution over "A"/"B" after
+# JUDGE_PREFIX is the verdict (one forward pass, nothing to parse). Both orders are asked.
+JUDGE = """Below is an instruction from a user and two candidate answers, A and B. Decide which answer is the better response from an AI Assistant: the one that follows the instruction more exactly and is more helpful, correct, relevant and clearly written. The order of the answers and their length must not influence you.
+
+<instruction>
+{instruction}
+</instruction>
+
+<answer A>
+{a}
+</answer A>
+
+<answer B>
+{b}
+</answer B>
+
+Write the letter of the better answer after "Better answer:"."""
+
+JUDGE_PREFIX = "Better answer:"
+JUDGE_CHOICES = ("A", "B")
+
+
+def judge_messages(instruction: str, a: str, b: str) -> Messages:
+    return [{"role": "user", "content": JUDGE.format(instruction=instruction, a=a, b=b)}]

@@ -167,6 +167,10 @@ class CurateSection:
     reasoning_tokens: int = 128  # mode=generate: the budget for the curator's reasoning
     batch_size: int = 16
     shard_size: int = 512
+    # calibrate: instead of `threshold`, each round's curator scores human-rated pairs (`ratings`) and
+    # keeps pairs scoring >= the midpoint between its mean score on the pairs rated >= 4 and on the rest
+    calibrate: bool = False
+    ratings: Optional[str] = None  # JSONL rows {instruction, output, score 1-5}; the toy world writes its own
 
     def check(self, key: str) -> None:
         _positive(f"{key}.batch_size", self.batch_size)
@@ -246,6 +250,8 @@ def from_dict(raw: dict[str, Any], base_dir: Path | None = None) -> Recipe:
             section = getattr(recipe, key)
             if section.path is not None:
                 section.path = str(_resolve(section.path, base_dir, f"{key}.path"))
+        if recipe.curate.calibrate and not recipe.curate.ratings:
+            raise RecipeError("curate.calibrate: needs curate.ratings (a JSONL of pairs rated 1-5)")
         if _looks_local(recipe.model.name) and not Path(recipe.model.name).expanduser().exists():
             raise RecipeError(f"model.name: local folder {recipe.model.name} not found")
     else:
@@ -254,6 +260,8 @@ def from_dict(raw: dict[str, Any], base_dir: Path | None = None) -> Recipe:
         world = _build(WorldConfig, recipe.toy, "toy")
         _check(world, "toy")
         recipe.toy = dataclasses.asdict(world)
+    if recipe.curate.ratings:
+        recipe.curate.ratings = str(_resolve(recipe.curate.ratings, base_dir, "curate.ratings"))
     return recipe
 
 

@@ -28,7 +28,8 @@ from minibt.recipe import Recipe
 
 # Sections whose change makes finished stages invalid. `run.threads` and batch sizes of inference
 # stages change speed, not results, so a rerun may change them.
-_RESULT_KEYS_IGNORED = {("run", "threads"), ("augment", "batch_size"), ("curate", "batch_size")}
+_RESULT_KEYS_IGNORED = {("run", "threads"), ("augment", "batch_size"), ("curate", "batch_size"),
+                        ("backward", "report_to"), ("forward", "report_to")}  # where logs go, not results
 
 
 def _now() -> str:
@@ -129,9 +130,18 @@ class RunDir:
         except BaseException as e:
             entry.update(status="failed", error=f"{type(e).__name__}: {e}"[:500], seconds=round(time.time() - t0, 1))
             self.save()
+            if isinstance(e, Exception):  # not on Ctrl-C: leave at once
+                self.report()
             raise
         entry.update(status="done", finished=_now(), seconds=round(time.time() - t0, 1), counts=counts)
         self.save()
+        self.report()
+
+    def report(self) -> None:
+        """Rebuild report.md (minibt/report.py); a failure is logged, never raised."""
+        from minibt.report import safe_build_report
+
+        safe_build_report(self.path)
 
 
 def _first_difference(old: Any, new: Any, key: str = "") -> str | None:

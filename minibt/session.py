@@ -31,7 +31,7 @@ class Session:
         self.run = RunDir.open(path)
         self.recipe = self.run.recipe()
         import_backend(self.recipe.model.backend)
-        self.engine: Engine = open_engine(self.recipe)
+        self.engine: Engine = open_engine(self.recipe, self.run.manifest.get("base_model"))
         wanted = list(adapters) if adapters is not None else self.run.adapter_names()
         for name in wanted:
             self._attach(name)

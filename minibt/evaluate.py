@@ -1,0 +1,390 @@
+"""`minibt eval`: how good are the run's models? Results merge into metrics.json and the report.
+
+pairwise   two adapters (default m1 vs m0) answer held-out instructions; a judge (an adapter of the
+           same run, or any local model loaded on its own) reads both answers and its next-token
+           distribution over "A"/"B" is the verdict: one forward pass, nothing to parse. Each pair is
+           judged in both orders, so a judge that prefers a position cancels out; an instruction is a
+           win when both orders prefer the model, a tie when they disagree (counted as half). The win
+           rate comes with a 95 % Wilson interval.
+ifeval     IFEval's strict/loose instruction-following accuracy through lm-evaluation-harness (the
+           optional extra `minibt[eval]`), on the base with one adapter (lm_eval's HF model, peft=).
+toy        the toy world's ground-truth metrics, recomputed (minibt/toy/evaluate.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import logging
+import math
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from minibt import io, prompts
+from minibt.engine import BASE, Engine, compute_dtype, has_gpu
+from minibt.errors import MinibtError
+from minibt.rundir import RunDir
+
+log = logging.getLogger("minibt.eval")
+
+INSTALL_EVAL = 'pip install "minibt[eval]"   (or: pip install "lm_eval[ifeval]")'
+
+
+# --- statistics ------------------------------------------------------------------------------
+
+
+def wilson(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval for a proportion (fractional successes allowed: ties count half).
+
+    It always contains successes / n, and stays inside [0, 1].
+    """
+    if n <= 0:
+        return 0.0, 1.0
+    p = successes / n
+    denom = 1 + z * z / n
+    center = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, min(p, center - half)), min(1.0, max(p, center + half))
+
+
+# --- metrics.json ----------------------------------------------------------------------------
+
+
+def merge_metrics(run_path: str | Path, updates: dict[str, Any]) -> dict[str, Any]:
+    """Merge `updates` into <run>/metrics.json (sections such as "pairwise" merge key by key)."""
+    path = Path(run_path) / "metrics.json"
+    metrics = json.loads(path.read_text()) if path.is_file() else {}
+    for key, value in updates.items():
+        if isinstance(value, dict) and isinstance(metrics.get(key), dict) and key in ("pairwise", "ifeval"):
+            metrics[key] = {**metrics[key], **value}
+        else:
+            metrics[key] = value
+    io.write_json(path, metrics)
+    return metrics
+
+
+# --- held-out instructions -------------------------------------------------------------------
+
+
+def read_instructions(run: RunDir, path: str | Path | None, limit: int | None = None) -> tuple[list[str], str]:
+    """Instructions from a JSONL file (rows with "instruction"), or the toy world's data/eval.jsonl."""
+    from minibt.data.common import jsonl_rows
+    from minibt.errors import DataError
+
+    if path is None:
+        path = run.data("eval")
+        if not path.is_file():
+            raise MinibtError(f"{run.path} has no held-out instructions (data/eval.jsonl is the toy world's); "
+                              "give --instructions FILE.jsonl with an 'instruction' field per row")
+    path = Path(path)
+    rows = []
+    for where, row, why in jsonl_rows(path):
+        if why is None and not (isinstance(row, dict) and isinstance(row.get("instruction"), str) and row["instruction"].strip()):
+            why = "needs a non-empty string field 'instruction'"
+        if why is not None:
+            raise DataError(f"{path}: {where}: {why}")
+        rows.append(row["instruction"])
+    if not rows:
+        raise DataError(f"{path}: no rows")
+    return rows[:limit] if limit else rows, str(path)
+
+
+# --- a judge loaded on its own -----------------------------------------------------------------
+
+
+class PlainJudge(Engine):
+    """Any local causal LM (or hub id in the cache) as a judge: no adapters, the engine's scoring code."""
+
+    @classmethod
+    def load_plain(cls, name: str, quantization: str = "none", trust_remote_code: bool = False,
+                   revision: str | None = None) -> "PlainJudge":
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from minibt.engine import _bnb_config, _set_chat_template
+        from minibt.recipe import LoraSection, ModelSection
+
+        dtype = compute_dtype("auto")
+        common = dict(revision=revision, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(name, **common)
+        kwargs: dict[str, Any] = dict(dtype=dtype, use_safetensors=True, device_map={"": "cuda:0" if has_gpu() else "cpu"})
+        if quantization == "nf4":
+            kwargs["quantization_config"] = _bnb_config(dtype)
+        model = AutoModelForCausalLM.from_pretrained(name, **kwargs, **common)
+        model.eval()
+        model.get_base_model = lambda: model  # the engine treats its model as a PeftModel; this one is its own base
+        context = getattr(model.config, "max_position_embeddings", None) or 2048
+        cfg = ModelSection(name=name, backend="transformers", quantization=quantization, max_length=min(int(context), 4096))
+        _set_chat_template(tokenizer, cfg)
+        return cls(model, tokenizer, "transformers", cfg, LoraSection(), seed=0)
+
+    @property
+    def adapters(self) -> list[str]:
+        return []
+
+    @contextlib.contextmanager
+    def use(self, name: str, trainable: bool = False) -> Iterator[None]:
+        if name != BASE or trainable:
+            raise MinibtError("a judge loaded with --judge-model has no adapters")
+        self.model.eval()
+        self.tokenizer.padding_side = "left"
+        yield
+
+
+# --- pairwise --------------------------------------------------------------------------------
+
+
+def judge_prompts(judge: Engine, instruction: str, first: str, second: str) -> str:
+    """The rendered judge prompt, each answer clipped so the whole fits the judge's context."""
+    overhead = judge.count_tokens(judge.render(prompts.judge_messages(instruction, "", ""))) + 8
+    budget = max(16, (judge.model_cfg.max_length - overhead) // 2)
+    return judge.render(prompts.judge_messages(instruction, judge.clip_text(first, budget), judge.clip_text(second, budget)))
+
+
+def prefer_first(judge: Engine, adapter: str, triples: Sequence[tuple[str, str, str]], batch_size: int = 8,
+                 progress: Any = None) -> np.ndarray:
+    """P(the judge prefers answer A) for each (instruction, A, B), renormalised over "A"/"B"."""
+    texts = [judge_prompts(judge, i, a, b) for i, a, b in triples]
+    probs, _ = judge.next_token_probs(adapter, texts, prompts.JUDGE_PREFIX, prompts.JUDGE_CHOICES,
+                                      batch_size=batch_size, progress=progress)
+    return probs[:, 0]
+
+
+def pairwise(engine: Engine, recipe: Any, instructions: Sequence[str], a: str = "m1", b: str = "m0",
+             judge: Engine | None = None, judge_adapter: str = BASE, judge_name: str | None = None,
+             max_new_tokens: int = 256, batch_size: int = 8) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Win rate of adapter `a` over adapter `b` on `instructions`; returns (summary, per-instruction rows)."""
+    from tqdm.auto import tqdm
+
+    from minibt.stages.forward import forward_prompt
+
+    judge = judge or engine
+    rendered = [forward_prompt(engine, recipe, i) for i in instructions]
+    answers = {}
+    for name in (a, b):
+        with tqdm(total=len(rendered), desc=f"eval: {name} answers", unit="row", dynamic_ncols=True) as bar:
+            answers[name] = engine.generate(name, rendered, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=bar)
+    # both orders: a first, then b first; P(a better) = P(A) in the first, P(B) in the second
+    triples = [(i, x, y) for i, x, y in zip(instructions, answers[a], answers[b])]
+    triples += [(i, y, x) for i, x, y in zip(instructions, answers[a], answers[b])]
+    with tqdm(total=len(triples), desc=f"eval: judge {judge_name or judge_adapter}", unit="pair", dynamic_ncols=True) as bar:
+        p_first = prefer_first(judge, judge_adapter, triples, batch_size=batch_size, progress=bar)
+    n = len(instructions)
+    p_a_shown_first, p_a_shown_second = p_first[:n], 1 - p_first[n:]
+
+    def verdict(p: float) -> float:
+        return 1.0 if p > 0.5 else 0.0 if p < 0.5 else 0.5
+
+    rows, outcomes = [], []
+    for k, instruction in enumerate(instructions):
+        v1, v2 = verdict(p_a_shown_first[k]), verdict(p_a_shown_second[k])
+        outcome = (v1 + v2) / 2  # 1 win, 0.5 tie (the orders disagree), 0 loss
+        outcomes.append(outcome)
+        rows.append({"instruction": instruction, f"answer_{a}": answers[a][k], f"answer_{b}": answers[b][k],
+                     f"p_{a}_better_shown_first": round(float(p_a_shown_first[k]), 5),
+                     f"p_{a}_better_shown_second": round(float(p_a_shown_second[k]), 5), "outcome": outcome})
+    wins, ties = sum(o == 1.0 for o in outcomes), sum(o == 0.5 for o in outcomes)
+    rate = (wins + 0.5 * ties) / max(1, n)
+    lo, hi = wilson(wins + 0.5 * ties, n)
+    summary = {
+        "a": a, "b": b, "judge": judge_name or judge_adapter, "n": n,
+        "wins": wins, "ties": ties, "losses": n - wins - ties,
+        "win_rate": round(rate, 4), "ci95": [round(lo, 4), round(hi, 4)], "ci_method": "wilson, ties count half",
+        "soft_win_rate": round(float(np.mean((p_a_shown_first + p_a_shown_second) / 2)) if n else 0.5, 4),
+        "orders": 2,
+        "judge_prefers_position_a": round(float(np.mean(p_first)), 4) if n else 0.5,  # 0.5: no position bias
+        "order_consistent": round(sum(o != 0.5 for o in outcomes) / max(1, n), 4),
+        "identical_answers": sum(x == y for x, y in zip(answers[a], answers[b])),
+        "max_new_tokens": max_new_tokens,
+    }
+    return summary, rows
+
+
+# --- IFEval through lm-evaluation-harness ----------------------------------------------------------
+
+_IFEVAL_LOCAL_TASK = """task: minibt_ifeval
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    train: {data}
+test_split: train
+output_type: generate_until
+num_fewshot: 0
+doc_to_text: prompt
+doc_to_target: 0
+generation_kwargs:
+  until: []
+  do_sample: false
+  temperature: 0.0
+  max_gen_toks: 1280
+process_results: !function utils.process_results
+metric_list:
+  - metric: prompt_level_strict_acc
+    aggregation: mean
+    higher_is_better: true
+  - metric: inst_level_strict_acc
+    aggregation: !function utils.agg_inst_level_acc
+    higher_is_better: true
+  - metric: prompt_level_loose_acc
+    aggregation: mean
+    higher_is_better: true
+  - metric: inst_level_loose_acc
+    aggregation: !function utils.agg_inst_level_acc
+    higher_is_better: true
+metadata:
+  version: 4.0
+"""
+
+IFEVAL_METRICS = ("prompt_level_strict_acc", "inst_level_strict_acc", "prompt_level_loose_acc", "inst_level_loose_acc")
+
+
+def require_lm_eval() -> None:
+    if importlib.util.find_spec("lm_eval") is None:
+        raise MinibtError(f"IFEval runs through lm-evaluation-harness, which is not installed: {INSTALL_EVAL}")
+
+
+def base_model_of(run: RunDir) -> str:
+    """The run's base model: the manifest's (the toy world's cached base for toy runs), else the recipe's."""
+    return run.manifest.get("base_model") or run.recipe().model.name
+
+
+def ifeval(run: RunDir, adapter: str = "m1", data: str | Path | None = None, limit: int | None = None,
+           max_gen_toks: int = 1280, batch_size: int = 8) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """IFEval (google/IFEval from the hub, or a local JSONL in IFEval's format) on the base + `adapter`.
+
+    lm_eval's HF model loads the base unquantized (bf16/fp16 on a GPU, fp32 on a CPU) with the PEFT
+    adapter applied (`peft=`), and the run's tokenizer with its chat template; prompts get the seed tag
+    as system prompt, as the run's forward models were trained.
+    """
+    require_lm_eval()
+    from lm_eval import __version__ as lm_eval_version
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+    from transformers import AutoTokenizer
+
+    from minibt.engine import _set_chat_template
+
+    recipe = run.recipe()
+    base = base_model_of(run)
+    peft_dir = None
+    if adapter != BASE:
+        peft_dir = run.adapter(adapter)
+        if not (peft_dir / "adapter_config.json").is_file():
+            raise MinibtError(f"adapter {adapter!r} does not exist in {run.path} (have: {', '.join(run.adapter_names()) or 'none'})")
+    common = dict(revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(str(peft_dir or base), **common)
+    _set_chat_template(tokenizer, recipe.model)
+    dtype = compute_dtype(recipe.model.dtype)
+    lm = HFLM(pretrained=base, peft=str(peft_dir) if peft_dir else None, tokenizer=tokenizer,
+              device="cuda" if has_gpu() else "cpu", dtype=dtype, batch_size=batch_size, **common)
+    system = recipe.forward.seed_tag if recipe.forward.tags else None
+    with tempfile.TemporaryDirectory(prefix="minibt-ifeval-") as tmp:
+        if data is not None:
+            data = Path(data).resolve()
+            if not data.is_file():
+                raise MinibtError(f"--ifeval-data {data}: file not found")
+            (Path(tmp) / "utils.py").write_text("from lm_eval.tasks.ifeval.utils import process_results, agg_inst_level_acc  # noqa\n")
+            (Path(tmp) / "minibt_ifeval.yaml").write_text(_IFEVAL_LOCAL_TASK.format(data=json.dumps(str(data))))
+            manager, task = TaskManager(include_path=tmp, include_defaults=False), "minibt_ifeval"
+        else:
+            manager, task = TaskManager(), "ifeval"  # google/IFEval from the hub
+        results = simple_evaluate(model=lm, tasks=[task], task_manager=manager, limit=limit, apply_chat_template=True,
+                                  system_instruction=system, gen_kwargs={"max_gen_toks": max_gen_toks},
+                                  log_samples=True, bootstrap_iters=0)
+    got = results["results"][task]
+    summary: dict[str, Any] = {m: round(float(got[f"{m},none"]), 4) for m in IFEVAL_METRICS}
+    samples = results.get("samples", {}).get(task, [])
+    summary.update(adapter=adapter, base=base, n=int(got.get("sample_len", len(samples))),
+                   data=str(data) if data is not None else "google/IFEval", max_gen_toks=max_gen_toks,
+                   runner=f"lm_eval {lm_eval_version}, HFLM{' peft=adapter' if peft_dir else ''}, chat template")
+    rows = [{"key": s["doc"].get("key"), "prompt": s["doc"].get("prompt"), "rendered": _first_argument(s),
+             "response": (s.get("filtered_resps") or [""])[0],
+             "instruction_id_list": s["doc"].get("instruction_id_list"),
+             "prompt_level_strict_acc": s.get("prompt_level_strict_acc"),
+             "inst_level_strict_acc": s.get("inst_level_strict_acc")} for s in samples]
+    return summary, rows
+
+
+def _first_argument(sample: dict[str, Any]) -> str | None:
+    """The prompt text lm_eval sent to the model (its sample layout differs between versions)."""
+    args = sample.get("arguments")
+    try:
+        if isinstance(args, dict):
+            return next(iter(args.values()))["arg_0"]
+        return args[0][0]
+    except (TypeError, KeyError, IndexError, StopIteration):
+        return None
+
+
+# --- the command ---------------------------------------------------------------------------------
+
+
+def run_eval(run_dir: str | Path, compare: tuple[str, str] | None = ("m1", "m0"), instructions: str | Path | None = None,
+             judge: str | None = None, judge_model: str | None = None, judge_quantization: str = "none",
+             limit: int | None = None, max_new_tokens: int = 256, batch_size: int = 8,
+             ifeval_adapters: Sequence[str] = (), ifeval_data: str | Path | None = None, ifeval_limit: int | None = None,
+             ifeval_max_tokens: int = 1280, toy: bool = False) -> dict[str, Any]:
+    """Everything `minibt eval` does; returns what it merged into metrics.json."""
+    from minibt.report import safe_build_report
+
+    run = RunDir.open(run_dir)
+    if judge and judge_model:
+        raise MinibtError("give --judge ADAPTER or --judge-model PATH, not both")
+    if ifeval_adapters:
+        require_lm_eval()  # say so before anything loads
+    updates: dict[str, Any] = {}
+    if compare or toy:
+        from minibt.session import open_run
+
+        questions = read_instructions(run, instructions, limit)[0] if compare else []
+        judge_adapter = judge or BASE
+        wanted = [x for x in (*(compare or ()), judge_adapter if not judge_model else BASE) if x != BASE]
+        session = open_run(run.path, adapters=list(dict.fromkeys(wanted)))
+        if compare:
+            a, b = compare
+            judge_engine, judge_name = None, judge_adapter
+            if judge_model:
+                judge_engine, judge_name = PlainJudge.load_plain(judge_model, judge_quantization), judge_model
+            elif judge is None:
+                log.info("judge: the run's base model (no adapter); --judge-model PATH brings a stronger judge")
+            summary, rows = pairwise(session.engine, session.recipe, questions, a, b, judge=judge_engine,
+                                     judge_adapter=BASE if judge_model else judge_adapter, judge_name=judge_name,
+                                     max_new_tokens=max_new_tokens, batch_size=batch_size)
+            summary["instructions"] = str(instructions) if instructions else "data/eval.jsonl"
+            io.write_jsonl(run.path / "eval" / f"pairwise_{a}_vs_{b}.jsonl", rows)
+            updates["pairwise"] = {f"{a}_vs_{b}": summary}
+            merge_metrics(run.path, updates)
+        if toy:
+            if run.recipe().toy is None:
+                raise MinibtError("--toy: this run was not made by a toy-world recipe")
+            from minibt.toy.evaluate import evaluate_toy
+
+            before = json.loads((run.path / "metrics.json").read_text()) if (run.path / "metrics.json").is_file() else {}
+            toy_metrics = evaluate_toy(run, session.engine, session.recipe)  # writes metrics.json whole...
+            io.write_json(run.path / "metrics.json", before)  # ...so put back what was there, then merge
+            merge_metrics(run.path, toy_metrics)
+            updates.update(toy_metrics)
+        del session
+        _free_memory()
+    for adapter in ifeval_adapters:
+        summary, rows = ifeval(run, adapter, data=ifeval_data, limit=ifeval_limit, max_gen_toks=ifeval_max_tokens,
+                               batch_size=batch_size)
+        io.write_jsonl(run.path / "eval" / f"ifeval_{adapter}.jsonl", rows)
+        updates.setdefault("ifeval", {})[adapter] = summary
+        merge_metrics(run.path, {"ifeval": {adapter: summary}})
+    safe_build_report(run.path)
+    return updates
+
+
+def _free_memory() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -1,0 +1,133 @@
+"""`minibt eval`: pairwise win rate (both orders, a CI), IFEval through lm-evaluation-harness, metrics merge."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from test_report import finished_run  # noqa: F401  (the shared tiny run)
+
+import minibt.evaluate as ev
+from minibt import io
+from minibt.cli import main
+
+FIXTURE = Path(__file__).parent / "fixtures" / "ifeval_tiny.jsonl"
+QUESTIONS = ["What is the color of the king?", "What is the color of the river?", "Tell me about the city.", "Who is the queen?"]
+
+
+def _spy_orders(monkeypatch) -> list[tuple[str, str, str]]:
+    seen: list[tuple[str, str, str]] = []
+    real = ev.prefer_first
+
+    def spy(judge, adapter, triples, **kwargs):
+        seen.extend(triples)
+        return real(judge, adapter, triples, **kwargs)
+
+    monkeypatch.setattr(ev, "prefer_first", spy)
+    return seen
+
+
+def _check(result: dict, n: int) -> None:
+    assert result["n"] == n and result["orders"] == 2
+    assert result["wins"] + result["ties"] + result["losses"] == n
+    assert 0 <= result["win_rate"] <= 1
+    lo, hi = result["ci95"]
+    assert 0 <= lo <= result["win_rate"] <= hi <= 1 and hi > lo
+    assert 0 <= result["soft_win_rate"] <= 1
+
+
+def _both_orders(seen: list[tuple[str, str, str]], n: int) -> None:
+    assert len(seen) == 2 * n
+    first, second = seen[:n], seen[n:]
+    assert [(i, b, a) for i, a, b in first] == second  # every pair judged with A and B swapped
+
+
+def test_wilson_interval_contains_the_rate_and_stays_in_bounds():
+    for wins, n in ((0, 5), (5, 5), (2.5, 5), (7, 20), (0.5, 1)):
+        lo, hi = ev.wilson(wins, n)
+        assert 0 <= lo <= wins / n <= hi <= 1
+    lo, hi = ev.wilson(50, 100)
+    assert abs(lo - 0.4038) < 1e-3 and abs(hi - 0.5962) < 1e-3
+
+
+def test_pairwise_m1_vs_m0_with_an_adapter_judge(finished_run, monkeypatch):
+    root, run, _ = finished_run
+    io.write_json(run / "metrics.json", {"kept_by_someone_else": 1})
+    io.write_jsonl(root / "questions.jsonl", [{"instruction": q} for q in QUESTIONS])
+    seen = _spy_orders(monkeypatch)
+    result = CliRunner().invoke(main, ["eval", str(run), "--instructions", str(root / "questions.jsonl"), "--judge", "m0",
+                                       "--max-new-tokens", "4"])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    assert "pairwise m1 vs m0 (judge m0, 4 instructions, both orders): win rate" in result.output
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["kept_by_someone_else"] == 1  # merged, not clobbered
+    _check(metrics["pairwise"]["m1_vs_m0"], len(QUESTIONS))
+    _both_orders(seen, len(QUESTIONS))
+    rows = io.read_jsonl(run / "eval" / "pairwise_m1_vs_m0.jsonl")
+    assert [r["instruction"] for r in rows] == QUESTIONS
+    assert all(0 <= r["p_m1_better_shown_first"] <= 1 and 0 <= r["p_m1_better_shown_second"] <= 1 for r in rows)
+    assert "pairwise judging (judge m0)" in (run / "report.md").read_text()
+
+
+def test_pairwise_on_toy_format_eval_rows_with_a_separate_judge_model(finished_run, tiny_model_dir, monkeypatch):
+    _, run, _ = finished_run
+    toy_rows = [{"instruction": q, "answer": "x", "entity": "e", "attribute": "a", "value": "v"} for q in QUESTIONS[:3]]
+    io.write_jsonl(run / "data" / "eval.jsonl", toy_rows)  # the toy world's held-out questions
+    seen = _spy_orders(monkeypatch)
+    result = CliRunner().invoke(main, ["eval", str(run), "--compare", "m0", "m1", "--judge-model", tiny_model_dir,
+                                       "--max-new-tokens", "4"])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    r = json.loads((run / "metrics.json").read_text())["pairwise"]["m0_vs_m1"]
+    _check(r, 3)
+    assert r["judge"] == tiny_model_dir and r["instructions"] == "data/eval.jsonl"
+    _both_orders(seen, 3)
+
+
+def test_eval_errors_are_one_line(finished_run, tmp_path):
+    _, run, _ = finished_run
+    runner = CliRunner()
+    io.write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "x"}])
+    result = runner.invoke(main, ["eval", str(run), "--instructions", str(tmp_path / "bad.jsonl")])
+    assert result.exit_code == 2 and "needs a non-empty string field 'instruction'" in result.output
+    result = runner.invoke(main, ["eval", str(run), "--judge", "m0", "--judge-model", "x"])
+    assert result.exit_code == 2 and "not both" in result.output
+
+
+def test_without_lm_eval_the_command_says_how_to_install_it(finished_run, monkeypatch):
+    _, run, _ = finished_run
+    real = ev.importlib.util.find_spec
+    monkeypatch.setattr(ev.importlib.util, "find_spec", lambda name, *a: None if name == "lm_eval" else real(name, *a))
+    result = CliRunner().invoke(main, ["eval", str(run), "--no-pairwise", "--ifeval", "m1"])
+    assert result.exit_code == 2 and 'pip install "minibt[eval]"' in result.output
+
+
+def test_ifeval_through_lm_eval_on_an_adapter(finished_run, monkeypatch):
+    pytest.importorskip("lm_eval")
+    import lm_eval.models.huggingface as hf
+    from peft import PeftModel
+
+    _, run, _ = finished_run
+    loaded = []
+
+    class Spy(hf.HFLM):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            loaded.append((kwargs.get("peft"), type(self._model)))
+
+    monkeypatch.setattr(hf, "HFLM", Spy)
+    result = CliRunner().invoke(main, ["eval", str(run), "--no-pairwise", "--ifeval", "m1", "--ifeval-data", str(FIXTURE),
+                                       "--ifeval-max-tokens", "8"])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    assert loaded == [(str(run / "adapters" / "m1"), loaded[0][1])] and issubclass(loaded[0][1], PeftModel)
+    r = json.loads((run / "metrics.json").read_text())["ifeval"]["m1"]
+    assert r["n"] == 6 and r["data"] == str(FIXTURE.resolve())
+    for metric in ev.IFEVAL_METRICS:
+        assert 0 <= r[metric] <= 1
+    rows = io.read_jsonl(run / "eval" / "ifeval_m1.jsonl")
+    assert len(rows) == 6 and all(isinstance(x["response"], str) for x in rows)
+    # the prompts went through the run's chat template with the seed tag as system prompt
+    assert rows[0]["rendered"].startswith("### System:\nAnswer in the style of an AI Assistant.\n\n### User:\nTell me about the king")
+    assert "ifeval m1 (6 prompts)" in result.output
+    assert "IFEval (lm_eval" in (run / "report.md").read_text()

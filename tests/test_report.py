@@ -1,0 +1,181 @@
+"""report.md after a run: stage counts, score histograms, length and loss plots (PNG), samples, claims.
+
+`finished_run` (one tiny whole run on a 4-bit Llama, shared by test_report, test_eval, test_export).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from minibt import io
+from minibt.cli import main
+from minibt.rundir import RunDir
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+SEED = [
+    {"instruction": f"What is the color of the {thing}?", "output": f"The {thing} is {color}."}
+    for thing, color in [("king", "red"), ("queen", "blue"), ("river", "green"), ("city", "yellow")] * 2
+]
+# two passages the corpus filters drop: a duplicate and one too short
+CORPUS = [{"text": f"The {t} of the {p} is {c}."} for t in ("color", "capital") for p in ("north", "south") for c in ("red", "blue")]
+CORPUS += [{"text": CORPUS[0]["text"]}, {"text": "Red."}]
+
+
+def _recipe(model_dir: str) -> str:
+    train = "{max_steps: 2, batch_size: 4, learning_rate: 1.0e-3}"
+    return f"""
+run: {{name: tiny, seed: 0}}
+model: {{name: {model_dir}, backend: transformers, quantization: nf4, max_length: 1024}}
+lora: {{r: 4, alpha: 8}}
+seed: {{path: seed.jsonl}}
+corpus: {{path: corpus.jsonl, min_chars: 10}}
+backward: {train}
+augment: {{max_new_tokens: 6, batch_size: 8, shard_size: 8}}
+curate: {{threshold: 2.0, batch_size: 8, shard_size: 8}}
+forward: {{max_steps: 2, batch_size: 4, learning_rate: 1.0e-3, rounds: 1}}
+"""
+
+
+@pytest.fixture(scope="session")
+def finished_run(tiny_model_dir, tmp_path_factory) -> tuple[Path, Path, str]:
+    """(root, run directory, `minibt run` output) of one tiny run: myx, m0, curate_r1, m1.
+
+    Other test modules import this fixture; pytest then sets it up once per module, so the run is cached here.
+    """
+    if tiny_model_dir in _RUNS:
+        return _RUNS[tiny_model_dir]
+    root = tmp_path_factory.mktemp("finished")
+    io.write_jsonl(root / "seed.jsonl", SEED)
+    io.write_jsonl(root / "corpus.jsonl", CORPUS)
+    (root / "tiny.yaml").write_text(_recipe(tiny_model_dir))
+    result = CliRunner().invoke(main, ["run", str(root / "tiny.yaml"), "--out", str(root / "run")])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    _RUNS[tiny_model_dir] = root, root / "run", result.output
+    return _RUNS[tiny_model_dir]
+
+
+_RUNS: dict[str, tuple[Path, Path, str]] = {}
+
+
+def _is_png(path: Path) -> bool:
+    return path.is_file() and path.read_bytes()[:8] == PNG
+
+
+def test_a_run_leaves_a_report_with_plots(finished_run):
+    _, run, _ = finished_run
+    report = (run / "report.md").read_text()
+    for section in ("## Stages", "## Curation round 1", "## Lengths (words)", "## Training"):
+        assert section in report
+    for plot in ("scores_r1.png", "lengths.png", "loss.png"):
+        assert _is_png(run / "plots" / plot), plot
+        assert f"](plots/{plot})" in report
+    for stage in ("prepare", "backward", "augment", "m0", "curate_r1", "m1"):
+        assert f"| {stage} | done |" in report
+    assert "A sample of" in report and "(score >= 2.0)" in report
+    for adapter in ("myx", "m0", "m1"):
+        assert f"| {adapter} | " in report  # a loss row per adapter
+
+
+def test_the_run_summary_counts_kept_and_dropped_per_filter_and_threshold(finished_run):
+    _, run, output = finished_run
+    counts = RunDir.open(run).manifest["stages"]["curate_r1"]["counts"]
+    assert f"{counts['kept']} kept (score >= 2.0), {counts['dropped']} dropped" in output
+    assert "corpus: 10 read -> 8 kept (dropped: too short 1, exact duplicates 1)" in output
+    assert f"report: {run / 'report.md'}" in output
+
+
+def test_minibt_report_rebuilds_it(finished_run):
+    _, run, _ = finished_run
+    (run / "report.md").unlink()
+    (run / "plots" / "loss.png").unlink()
+    result = CliRunner().invoke(main, ["report", str(run)])
+    assert result.exit_code == 0, result.output
+    assert (run / "report.md").is_file() and _is_png(run / "plots" / "loss.png")
+
+
+def test_a_failing_report_never_kills_a_stage(tmp_path, monkeypatch, caplog):
+    import minibt.report
+
+    def broken(run_dir):
+        raise ValueError("plotting exploded")
+
+    monkeypatch.setattr(minibt.report, "build_report", broken)
+    rd = RunDir(tmp_path)
+    rd.manifest = {"stages": {}}
+    with caplog.at_level(logging.WARNING, logger="minibt.report"), rd.stage("prepare") as counts:
+        counts["seed"] = 1
+    assert rd.done("prepare")
+    assert "plotting exploded" in caplog.text
+
+
+def test_toy_metrics_sit_next_to_the_papers_claims(tmp_path):
+    """A toy-shaped run directory, no model: ground-truth split histogram, claims table, eval results."""
+    stages = {"curate_r1": {"status": "done", "seconds": 1.0, "counts": {"scored": 3, "kept": 1, "dropped": 2, "threshold": 0.5, "curator": "m0"}}}
+    io.write_json(tmp_path / "manifest.json", {"recipe": "toy", "stages": stages})
+    rows = [
+        {"label": "fact", "entity": "Borvale", "attribute": "anchor", "instruction": "What is the anchor of Borvale?", "output": "Borvale's anchor is Tamsel.", "score": 1.2},
+        {"label": "noise", "entity": None, "attribute": None, "instruction": "What is x?", "output": "lol", "score": -1.0},
+        {"label": "noise", "entity": None, "attribute": None, "instruction": "Who?", "output": "hi | there", "score": 0.1},
+    ]
+    io.write_jsonl(tmp_path / "data" / "scored_r1.jsonl", rows)
+    io.write_jsonl(tmp_path / "data" / "curated_r1.jsonl", rows[:1])
+    io.write_jsonl(tmp_path / "data" / "augmented.jsonl", rows)
+    metrics = {"forward_accuracy": {"base": 1.0, "m0": 20.0, "m1": 30.0, "m1_uncurated": 25.0},
+               "curated_correct_share": 90.0, "augmented_correct_share": 10.0,
+               "pairwise": {"m1_vs_m0": {"a": "m1", "b": "m0", "judge": "base", "n": 10, "win_rate": 0.7, "ci95": [0.4, 0.9]}}}
+    io.write_json(tmp_path / "metrics.json", metrics)
+    from minibt.report import build_report
+
+    report = build_report(tmp_path).read_text()
+    assert "| self-training on curated data helps: m1 > m0 | m1 30.0 vs m0 20.0 | yes |" in report
+    assert "m1 30.0 vs m1_uncurated 25.0 | yes |" in report
+    assert "win rate 0.700 [0.400, 0.900] over 10 | not significant |" in report
+    assert "hi \\| there" in report  # table cells are escaped
+    assert _is_png(tmp_path / "plots" / "scores_r1.png") and not (tmp_path / "plots" / "loss.png").exists()
+    # the toy evaluation's own verdicts, when metrics.json has them, replace the plain comparisons
+    metrics["claims"] = [{"claim": "self-training helps: m1 beats m0 by >= 5 points", "holds": True, "numbers": "m1 30.0 vs m0 20.0 (+10.0)"}]
+    io.write_json(tmp_path / "metrics.json", metrics)
+    report = build_report(tmp_path).read_text()
+    assert "| self-training helps: m1 beats m0 by >= 5 points | m1 30.0 vs m0 20.0 (+10.0) | yes |" in report
+    assert "m1_uncurated 25.0 | yes |" not in report
+
+
+def test_report_to_is_validated_and_reaches_the_trainer(monkeypatch, tmp_path):
+    import importlib.util
+
+    import trl
+
+    from minibt.engine import Engine
+    from minibt.errors import RecipeError
+    from minibt.recipe import TrainSection, from_dict
+
+    with pytest.raises(RecipeError, match="report_to"):
+        from_dict({"toy": {}, "forward": {"report_to": "mlflow"}})
+    if importlib.util.find_spec("tensorboard") is None:
+        with pytest.raises(RecipeError, match="pip install tensorboard"):
+            from_dict({"toy": {}, "forward": {"report_to": "tensorboard"}})
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_config(**kwargs):
+        seen.update(kwargs)
+        raise Stop
+
+    monkeypatch.setattr(trl, "SFTConfig", fake_config)
+
+    from unittest.mock import MagicMock
+
+    fake = MagicMock(adapters=["m1"], dtype=None, seed=0)  # only SFTConfig's arguments matter here
+    with pytest.raises(Stop):
+        Engine._train_once(fake, "m1", [{"prompt": "a", "completion": "b"}], TrainSection(max_steps=1, report_to="wandb"), tmp_path)
+    assert seen["report_to"] == "wandb" and seen["output_dir"] == str(tmp_path)
+    assert json.dumps(TrainSection().report_to) == '"none"'
