@@ -280,7 +280,7 @@ def export(run_dir: Path, adapter: str, out: Path | None, dtype: str, adapter_on
 @_friendly
 def bench(quick: bool, as_json: bool, recipe_path: str | None, overrides: tuple[str, ...], gpu_config: str | None,
           backend: str, out: str | None) -> None:
-    """Measure minibt side by side with the plain way: generation, curation, training (bench/README.md)."""
+    """Measure minibt side by side with the plain way: generation, curation, training (bench/results/README.md)."""
     _setup(1)
     if as_json:
         logging.getLogger().setLevel(logging.WARNING)

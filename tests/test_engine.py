@@ -193,7 +193,8 @@ def test_inference_halves_the_batch_on_out_of_memory(engine):
         texts = engine.generate("m0", prompts[:3], max_new_tokens=2, batch_size=8)
     finally:
         handle.remove()
-    assert calls[:3] == [8, 4, 2] and got == pytest.approx(want, abs=2e-3)
+    batches = calls[1:] if calls[0] == 1 else calls  # [1]: the shared-prefix pass (engine.prefix_cache)
+    assert batches[:3] == [8, 4, 2] and got == pytest.approx(want, abs=2e-3)
     assert len(texts) == 3
 
 

@@ -1,0 +1,125 @@
+"""Can the paper's rubric curator work in the toy world? Measured against the ground truth.
+
+    python bench/toy/rubric_curator.py RUN_DIR [--steps 150] [--sample 800] [--extra-ratings 0]
+
+RUN_DIR is a finished toy run (its augmented pairs and its likelihood scores are reused). An m0-like
+adapter is trained on the seed pairs plus the world's rated pairs in the paper's rubric format
+(prompt: the ~520-token rubric with the pair; completion "Score: N"), with model.max_length 768; it
+then rates a random sample of the augmented pairs, read from the digit distribution after "Score:"
+(curate.mode=distribution). `--extra-ratings N` adds N seed pairs rated by the world's own rule
+(x3: right answer 5, another seed pair's answer 2, a noise text 1), more than a human would rate.
+The likelihood curator's scores for the same pairs (from the run) are scored the same way.
+Writes bench/results/toy-rubric[-TAG].json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import random
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def world_ratings(world, n: int, seed: int) -> list[dict]:
+    rng = random.Random(f"rubric:{seed}")
+    pairs = rng.sample(world.seed_pairs, min(n, len(world.seed_pairs)))
+    noise = [r["text"] for r in world.corpus if r["label"] == "noise"]
+    rows = []
+    for p in pairs:
+        other = rng.choice([q for q in world.seed_pairs if q["instruction"] != p["instruction"]])
+        rows += [{"instruction": p["instruction"], "output": p["output"], "score": 5},
+                 {"instruction": p["instruction"], "output": other["output"], "score": 2},
+                 {"instruction": p["instruction"], "output": rng.choice(noise), "score": 1}]
+    return rows
+
+
+def judge(rows: list[dict], keep: list[bool]) -> dict:
+    from minibt.toy import metrics
+
+    precision, recall = metrics.curation_precision_recall(rows, keep)
+    kept = [r for r, k in zip(rows, keep) if k]
+    return {"kept": len(kept), "precision": precision, "recall": recall, "correct_share": metrics.correct_share(kept)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("run_dir", type=Path)
+    ap.add_argument("--steps", type=int, default=150)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--sample", type=int, default=800)
+    ap.add_argument("--extra-ratings", type=int, default=0)
+    ap.add_argument("--tag", default="")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+
+    from minibt import io
+    from minibt.engine import Engine
+    from minibt.rundir import RunDir
+    from minibt.stages.curate import RUBRIC_ANSWER_ROOM, rubric_prompt, score_pairs
+    from minibt.stages.forward import forward_rows
+    from minibt.stages.prepare import toy_base, toy_world
+    from minibt.toy import metrics
+
+    rd = RunDir.open(args.run_dir)
+    recipe = rd.recipe()
+    _, world = toy_world(recipe)
+    model = dataclasses.replace(recipe.model, name=str(toy_base(recipe)), max_length=768)
+    recipe = dataclasses.replace(recipe, model=model,
+                                 curate=dataclasses.replace(recipe.curate, method="rubric", mode="distribution", batch_size=16))
+    engine = Engine.load(model, recipe.lora, seed=recipe.run.seed)
+
+    rated = list(world.rated_pairs) + world_ratings(world, args.extra_ratings, recipe.run.seed)
+    rubric_rows = [{"prompt": rubric_prompt(engine, r["instruction"], r["output"], RUBRIC_ANSWER_ROOM),
+                    "completion": f"Score: {r['score']}"} for r in rated]
+    rows = forward_rows(engine, recipe, world.seed_pairs, []) + rubric_rows
+    cfg = dataclasses.replace(recipe.forward, max_steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr)
+    t0 = time.monotonic()
+    trained = engine.train("rater", rows, cfg, rd.path / "work" / "rater")
+    train_s = time.monotonic() - t0
+
+    augmented = [r for r in io.read_jsonl(rd.data("augmented")) if r["instruction"].strip()]
+    sample = random.Random(0).sample(augmented, min(args.sample, len(augmented)))
+    t0 = time.monotonic()
+    scored = score_pairs(engine, recipe, "rater", sample)
+    score_s = time.monotonic() - t0
+    fit = score_pairs(engine, recipe, "rater", [{**r, "rated": r["score"]} for r in world.rated_pairs])
+
+    likelihood = {r["id"]: r["score"] for r in io.read_jsonl(rd.data("scored_r1"))}
+    lik_threshold = rd.manifest["stages"]["curate_r1"]["counts"]["threshold"]
+    out = {
+        "run_dir": str(args.run_dir), "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
+        "rated_pairs": len(rated), "train_rows": len(rows), "train_loss": trained["train_loss"],
+        "train_s": round(train_s, 1), "score_s": round(score_s, 1), "sample": len(sample),
+        "clean_share": round(100 * sum(r["label"] == "fact" for r in sample) / len(sample), 1),
+        "correct_share": metrics.correct_share(sample),
+        "mean_digit_mass": round(sum(r["score_mass"] for r in scored) / len(scored), 4),
+        "histogram_argmax": {s: sum(r["argmax_score"] == s for r in scored) for s in range(1, 6)},
+        "fit_on_rated_pairs": {s: round(sum(f["expected_score"] for f in fit if f["rated"] == s)
+                                        / max(1, sum(f["rated"] == s for f in fit)), 2) for s in (1, 2, 5)},
+        "rubric": {f"expected>={t}": judge(scored, [r["expected_score"] >= t for r in scored]) for t in (3.0, 4.0, 4.5)},
+        "likelihood": judge(sample, [likelihood[r["id"]] >= lik_threshold for r in sample]),
+    }
+    # the rubric's expectation split by the truth: does it rank right pairs above the rest at all?
+    truth = [metrics.is_correct_pair(r) for r in scored]
+    out["rubric_mean_expected"] = {
+        "correct_pairs": round(sum(r["expected_score"] for r, t in zip(scored, truth) if t) / max(1, sum(truth)), 3),
+        "fact_wrong_instruction": round(sum(r["expected_score"] for r, t in zip(scored, truth) if not t and r["label"] == "fact")
+                                        / max(1, sum(not t and r["label"] == "fact" for r, t in zip(scored, truth))), 3),
+        "noise": round(sum(r["expected_score"] for r in scored if r["label"] == "noise")
+                       / max(1, sum(r["label"] == "noise" for r in scored)), 3),
+    }
+    path = ROOT / "bench" / "results" / f"toy-rubric{('-' + args.tag) if args.tag else ''}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=1))
+    print(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,227 @@
+"""`minibt bench`'s pieces on a tiny model: correctness, not wall time."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from minibt import bench, prompts
+from minibt.engine import Engine
+from minibt.recipe import LoraSection, ModelSection, Recipe, TrainSection
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir) -> Engine:
+    e = Engine.load(ModelSection(name=tiny_model_dir, max_length=256), LoraSection(r=8, alpha=16), seed=0)
+    e.add_adapter("myx")
+    e.add_adapter("rater")
+    with torch.no_grad():  # a LoRA that changes the outputs (fresh ones are zero)
+        for name, p in e.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(name)))
+    return e
+
+
+# --- Spearman --------------------------------------------------------------------------------
+
+
+def test_rankdata_averages_ties():
+    assert bench.rankdata([10, 20, 20, 30]).tolist() == [1.0, 2.5, 2.5, 4.0]
+    assert bench.rankdata([3, 1, 2]).tolist() == [3.0, 1.0, 2.0]
+
+
+def test_spearman_matches_hand_computed_values():
+    # no ties: rho = 1 - 6 * sum(d^2) / (n (n^2 - 1)) = 1 - 6 * 4 / 120 = 0.8
+    assert bench.spearman([1, 2, 3, 4, 5], [2, 1, 4, 3, 5]) == pytest.approx(0.8)
+    # ties: ranks [1, 2.5, 2.5, 4] vs [1, 2, 3, 4]: Pearson = 4.5 / sqrt(4.5 * 5)
+    assert bench.spearman([1, 2, 2, 3], [1, 2, 3, 4]) == pytest.approx(4.5 / np.sqrt(22.5))
+    assert bench.spearman([1, 2, 3], [10, 100, 1000]) == pytest.approx(1.0)  # monotone, not linear
+    assert bench.spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+    assert bench.spearman([1, 1, 1], [1, 2, 3]) is None  # constant: undefined
+    assert bench.spearman([1], [2]) is None
+    with pytest.raises(ValueError):
+        bench.spearman([1, 2], [1])
+
+
+# --- side-by-side pieces ---------------------------------------------------------------------
+
+
+def test_generation_sides_make_one_output_per_prompt(engine):
+    texts = [engine.render(prompts.backward_messages(f"the {w} is red.")) for w in ("king", "river", "city", "north", "a")]
+    g = bench.compare_generation(engine, "myx", texts, max_new_tokens=5, temperature=0.7, top_p=0.9, batch_size=2)
+    assert g["outputs"] == {"batched": 5, "one_at_a_time": 5}
+    assert len(g["_outputs"]) == 5
+    assert len(g["seconds"]["batched_runs"]) == 2
+    assert all(isinstance(g["tokens"][side], int) and g["tokens"][side] >= 0 for side in ("batched", "one_at_a_time"))
+    assert g["speedup"] is None or g["speedup"] > 0
+
+
+def test_greedy_generation_is_the_same_batched_and_one_at_a_time(engine):
+    texts = [engine.render(prompts.backward_messages(t)) for t in ("the king.", "a small old river is north.", "red")]
+    batched = engine.generate("myx", texts, max_new_tokens=6, batch_size=3)
+    single = bench.generate_one_at_a_time(engine, "myx", texts, max_new_tokens=6, temperature=0.0, top_p=1.0)
+    assert batched == single  # same work on both sides: left padding changes nothing
+
+
+def test_curation_sides_score_the_same_pairs(engine):
+    recipe = Recipe()
+    pairs = [{"instruction": f"what is the {w}", "output": f"the {w} is {c}."}
+             for w, c in [("king", "red"), ("river", "blue"), ("city", "old"), ("queen", "new")]]
+    c = bench.compare_curation(engine, recipe, "rater", pairs, reasoning_tokens=6, batch_size=2)
+    assert c["pairs"] == 4
+    assert len(c["_scores"]["distribution"]) == len(c["_scores"]["generate"]) == 4
+    assert c["unparseable"]["distribution"] == 0 and c["unparseable_rate"]["distribution"] == 0.0
+    # unparseable generated ratings are counted, and left out of the agreement: never dropped silently
+    assert c["unparseable"]["generate"] == sum(s is None for s in c["_scores"]["generate"])
+    assert c["rank_agreement_pairs"] == 4 - c["unparseable"]["generate"]
+    assert all(1 <= s <= 5 for s in c["_scores"]["distribution"])
+
+
+def test_prefix_cache_scores_exactly_like_full_prompts(engine):
+    head = "tell me about the north and the south and the large old city of the king. " * 3
+    texts = [engine.render([{"role": "user", "content": head + tail}])
+             for tail in ("red", "the blue river", "a", "what is the color of the small queen", "five")]
+    engine.prefix_cache = False
+    full, full_mass = engine.next_token_probs("rater", texts, "Score:", list("12345"), batch_size=2)
+    engine.prefix_cache = True
+    cached, cached_mass = engine.next_token_probs("rater", texts, "Score:", list("12345"), batch_size=2)
+    assert np.allclose(full, cached, atol=1e-5) and np.allclose(full_mass, cached_mass, atol=1e-5)
+
+
+def test_common_prefix_leaves_a_token_for_every_row():
+    from minibt.engine import _common_prefix
+
+    assert _common_prefix([[1, 2, 3, 4], [1, 2, 3, 5], [1, 2, 9]]) == 2
+    assert _common_prefix([[1, 2, 3], [1, 2, 3, 4]]) == 2  # a row equal to the prefix keeps its last token
+    assert _common_prefix([[7]]) == 0
+    assert _common_prefix([]) == 0
+
+
+def test_curator_rows_reason_then_score():
+    class FakeEngine:  # curator_rows only renders and clips
+        model_cfg = ModelSection(max_length=4096)
+        truncated = 0
+
+        def render(self, messages):
+            return messages[0]["content"]
+
+        def count_tokens(self, text):
+            return len(text.split())
+
+        def clip_text(self, text, n):
+            return text
+
+    rows = bench.curator_rows(FakeEngine(), [{"instruction": "q?", "output": "a.", "score": 2}])
+    assert [prompts.parse_score(r["completion"]) for r in rows] == [2, 2, 2]
+    assert rows[0]["completion"].startswith(bench.VERDICTS[2]) and rows[2]["completion"] == "Score: 2"
+    assert "<instruction>\nq?\n</instruction>" in rows[0]["prompt"]
+
+
+def test_training_sides_run_the_same_steps(engine, tiny_model_dir, tmp_path):
+    rows = [{"prompt": engine.render([{"role": "user", "content": f"what is the {w}"}]), "completion": f"the {w}."}
+            for w in ("king", "queen", "river", "city")]
+    cfg = TrainSection(max_steps=2, batch_size=2, learning_rate=1e-3, warmup_ratio=0.0)
+    t = bench.compare_training(engine, tiny_model_dir, rows, cfg, tmp_path, repeats=2, keep="kept")
+    assert len(t["seconds"]["minibt"]) == len(t["seconds"]["bare"]) == 2
+    assert t["steps"] == 2 and t["ratio"] > 0
+    assert "kept" in engine.adapters and not any(a.startswith("kept_") for a in engine.adapters)
+    engine.delete_adapter("kept")
+
+
+def test_packing_only_where_attention_keeps_rows_apart(engine, monkeypatch):
+    assert engine.packing(False) is False
+    assert engine.packing(True) is False  # sdpa on a CPU: packed rows would see each other
+    monkeypatch.setattr(engine.model.config, "_attn_implementation", "flash_attention_2", raising=False)
+    assert engine.packing(True) is True
+
+
+def test_padding_free_rows_leak_into_each_other_on_sdpa_with_a_cache(engine):
+    """Why packing stays off on sdpa/eager: trl's padding-free batch is one row with position_ids
+    restarting per example; transformers keeps the examples apart only when no KV cache exists."""
+    tok = engine.tokenizer
+    seqs = [tok(t)["input_ids"] for t in ("the king is red.", "what is the color of the north river")]
+    flat = torch.tensor([seqs[0] + seqs[1]])
+    positions = torch.tensor([list(range(len(seqs[0]))) + list(range(len(seqs[1])))])
+    with engine.use("rater"), torch.no_grad():
+        alone = engine.model(input_ids=torch.tensor([seqs[1]]), use_cache=False).logits[0]
+        kept_apart = engine.model(input_ids=flat, position_ids=positions, use_cache=False).logits[0, len(seqs[0]):]
+        leaked = engine.model(input_ids=flat, position_ids=positions, use_cache=True).logits[0, len(seqs[0]):]
+    assert torch.allclose(alone, kept_apart, atol=1e-4)
+    assert not torch.allclose(alone, leaked, atol=1e-2)
+
+
+# --- the command -----------------------------------------------------------------------------
+
+
+def fake_result() -> dict:
+    result = {key: 1.0 for key in ("generation_speedup", "curation_speedup", "curation_rank_agreement", "training_ratio")}
+    result.update(unparseable_rate={"distribution": 0.0, "generate": 0.1}, peak_memory_mib={"overall": 1.0},
+                  generation={"tokens_per_second": {"batched": 1, "one_at_a_time": 1}, "prompts": 1,
+                              "max_new_tokens": 1, "speedup": 1.0},
+                  curation={"seconds": {"distribution": 1, "generate": 1}, "reasoning_tokens": 1, "pairs": 1,
+                            "speedup": 1.0, "rank_agreement": 1.0, "rank_agreement_pairs": 1,
+                            "unparseable_rate": {"distribution": 0.0, "generate": 0.1}},
+                  training={"seconds": {"bare": [1.0], "minibt": [1.0]}, "steps": 1, "ratio": 1.0},
+                  model={"source": "x", "parameters": 1, "backend": "transformers", "quantization": "nf4"},
+                  machine={"device": "cpu", "torch_threads": 1, "load_average_start": [0, 0, 0], "load_average_end": [0, 0, 0]},
+                  seconds_total=1.0)
+    result["goals"] = bench.check_goals(result)
+    return result
+
+
+REQUIRED = {"generation_speedup": (int, float), "curation_speedup": (int, float), "curation_rank_agreement": (int, float, type(None)),
+            "unparseable_rate": dict, "training_ratio": (int, float), "peak_memory_mib": dict, "goals": dict,
+            "machine": dict, "generation": dict, "curation": dict, "training": dict}
+
+
+def check_schema(result: dict) -> None:
+    for key, types in REQUIRED.items():
+        assert isinstance(result[key], types), key
+    assert set(result["unparseable_rate"]) == {"distribution", "generate"}
+    assert set(result["goals"]) == set(bench.GOALS)
+    assert all({"value", "target", "met"} <= set(g) for g in result["goals"].values())
+
+
+def test_json_flag_prints_one_object_on_the_last_line(monkeypatch):
+    from minibt.cli import main
+
+    def fake_run(*args, **kwargs):
+        print("trainer chatter that must not reach stdout")
+        return fake_result()
+
+    monkeypatch.setattr(bench, "run_bench", fake_run)
+    result = CliRunner().invoke(main, ["bench", "--quick", "--json"])
+    assert result.exit_code == 0, result.output
+    last = result.stdout.strip().splitlines()[-1]
+    check_schema(json.loads(last))
+    assert "chatter" not in result.stdout
+
+
+@pytest.mark.slow
+def test_bench_end_to_end_on_a_small_world(tmp_path, monkeypatch):
+    """run_bench on the reduced toy world with tiny settings: the real result's schema."""
+    from minibt.toy.world import small_world_config
+
+    monkeypatch.setenv("MINIBT_CACHE", os.environ.get("MINIBT_CACHE") or str(tmp_path / "cache"))
+    recipe = tmp_path / "small.yaml"
+    recipe.write_text(json.dumps({
+        "model": {"backend": "transformers", "quantization": "nf4"}, "lora": {"r": 4, "alpha": 8},
+        "backward": {"batch_size": 4, "learning_rate": 5e-3, "warmup_ratio": 0.0},
+        "forward": {"batch_size": 4, "learning_rate": 5e-3, "warmup_ratio": 0.0},
+        "augment": {"max_new_tokens": 6, "batch_size": 4}, "curate": {"batch_size": 4},
+        "toy": dataclasses.asdict(small_world_config()),
+    }))
+    settings = bench.Settings(generate_prompts=4, curate_pairs=5, train_steps=2, train_repeats=1, curator_steps=2,
+                              curator_batch=2, seed_ratings=2, reasoning_tokens=6, gen_repeats=1)
+    result = bench.run_bench(settings, recipe, work_dir=tmp_path / "work")
+    check_schema(result)
+    json.dumps(result)  # JSON-ready
+    assert result["generation"]["outputs"] == {"batched": 4, "one_at_a_time": 4}
+    assert result["curation"]["pairs"] == result["curation"]["rank_agreement_pairs"] + result["curation"]["unparseable"]["generate"]
+    assert result["unparseable_rate"]["distribution"] == 0.0
