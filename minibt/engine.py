@@ -379,7 +379,11 @@ class Engine:
             ids, mask = self._left_pad([encoded[i] for i in idx])
             if sample:
                 torch.manual_seed((self.seed if seed is None else seed) * 100_003 + b)
-            out = self.model.generate(
+            if self.backend == "transformers":
+                for i, tokens in zip(idx, self._decode(ids, mask, max_new_tokens, temperature, top_p)):
+                    outputs[i] = self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+                return
+            out = self.model.generate(  # unsloth: its own fast generation
                 input_ids=ids,
                 attention_mask=mask,
                 max_new_tokens=max_new_tokens,
@@ -396,6 +400,39 @@ class Engine:
         with self.use(adapter):
             self._each_batch(encoded, batch_size, step, progress)
         return outputs
+
+    def _decode(self, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, temperature: float,
+                top_p: float) -> list[list[int]]:
+        """Sample (or greedily pick) up to max_new_tokens per row with a KV cache, dropping rows from the
+        batch as they reach EOS. `generate` keeps computing finished rows until the longest is done,
+        which wastes most of a batch when lengths vary (2x throughput measured on the toy world);
+        greedy outputs equal `generate`'s (tests/test_engine.py)."""
+        from transformers import DynamicCache
+
+        eos = self.tokenizer.eos_token_id
+        cache = DynamicCache()
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                         use_cache=True, **self._last_logits_only())
+        position = positions[:, -1:]
+        alive = torch.arange(ids.shape[0], device=ids.device)  # batch row -> input row
+        tokens: list[list[int]] = [[] for _ in range(ids.shape[0])]
+        for t in range(max_new_tokens):
+            next_ids = _pick(out.logits[:, -1, :].float(), temperature, top_p)
+            for row, tok in zip(alive.tolist(), next_ids.tolist()):
+                if tok != eos:
+                    tokens[row].append(tok)
+            running = (next_ids != eos).nonzero().squeeze(-1)
+            if t == max_new_tokens - 1 or len(running) == 0:
+                break
+            if len(running) < len(alive):  # compact: finished rows leave the batch and the cache
+                cache.batch_select_indices(running)
+                alive, mask, position, next_ids = alive[running], mask[running], position[running], next_ids[running]
+            mask = torch.cat([mask, mask.new_ones(len(alive), 1)], dim=1)
+            position = position + 1
+            out = self.model(input_ids=next_ids[:, None], attention_mask=mask, position_ids=position,
+                             past_key_values=cache, use_cache=True)
+        return tokens
 
     def stream(self, adapter: str, prompt: str, max_new_tokens: int, temperature: float, top_p: float,
                on_text: Callable[[str], None]) -> str:
@@ -557,6 +594,17 @@ def _repeat_cache(cache: Any, n: int) -> Any:
     out = copy.deepcopy(cache)
     out.batch_repeat_interleave(n)
     return out
+
+
+def _pick(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """Next token per row: argmax at temperature 0, else nucleus sampling (the smallest set of tokens
+    whose probability reaches top_p)."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits / temperature, dim=-1)
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    sorted_probs[(sorted_probs.cumsum(-1) - sorted_probs) > top_p] = 0  # the top token always stays
+    return order.gather(-1, torch.multinomial(sorted_probs, 1)).squeeze(-1)
 
 
 def _adapter_of(param_name: str) -> str | None:

@@ -207,3 +207,30 @@ def test_training_retries_out_of_memory_with_the_same_effective_batch(engine, tm
         handle.remove()
     assert calls[0] == 8 and max(calls[1:]) <= 4 and result["steps"] > 0
     engine.delete_adapter("m3")
+
+
+def test_compacting_decode_matches_generate_greedily(engine):
+    """The engine's own decode loop drops finished rows; greedy outputs must equal HF generate's."""
+    prompts = [p["prompt"] + "x" * k for k, p in enumerate(pairs(engine, 8))]
+    ours = engine.generate("m0", prompts, max_new_tokens=10, batch_size=8)
+    encoded = engine._encode(prompts, room=10)
+    with engine.use("m0"), torch.no_grad():
+        ids, mask = engine._left_pad(encoded)
+        out = engine.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10, do_sample=False,
+                                    pad_token_id=engine.tokenizer.pad_token_id, eos_token_id=engine.tokenizer.eos_token_id)
+    theirs = [engine.tokenizer.decode(row[ids.shape[1]:], skip_special_tokens=True).strip() for row in out]
+    assert ours == theirs
+
+
+def test_sampling_is_seeded_and_respects_top_p():
+    from minibt.engine import _pick
+
+    logits = torch.tensor([[5.0, 4.0, -10.0, -10.0]] * 200)
+    torch.manual_seed(0)
+    picked = _pick(logits, temperature=1.0, top_p=0.5)
+    assert set(picked.tolist()) == {0}  # token 0 alone holds > 50 % of the mass
+    torch.manual_seed(0)
+    wide = _pick(logits, temperature=1.0, top_p=1.0)
+    assert set(wide.tolist()) <= {0, 1} and 1 in wide.tolist()
+    torch.manual_seed(0)
+    assert torch.equal(_pick(logits, temperature=1.0, top_p=1.0), wide)
