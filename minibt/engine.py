@@ -271,7 +271,7 @@ class Engine:
             optim="adamw_torch",
             logging_steps=max(1, min(10, cfg.max_steps if cfg.max_steps > 0 else 10)),
             save_strategy="no",
-            report_to=getattr(cfg, "report_to", "none"),  # tensorboard writes under output_dir (the run's work dir)
+            report_to=cfg.report_to,  # tensorboard writes under output_dir (the run's work dir)
             run_name=name,
             seed=self.seed,
             data_seed=self.seed,
