@@ -16,6 +16,7 @@ import numpy as np
 
 from minibt import io, prompts
 from minibt.engine import BASE, Engine
+from minibt.errors import MinibtError
 from minibt.recipe import Recipe
 from minibt.rundir import RunDir
 from minibt.stages.forward import forward_prompt
@@ -78,12 +79,15 @@ def curate(run: RunDir, engine: Engine, recipe: Recipe, round_: int, curator: st
     """
     cfg = recipe.curate
     candidates = [r for r in augmented if r["instruction"].strip()]
+    threshold, calibration = cfg.threshold, None
+    if cfg.calibrate:
+        threshold, calibration = calibrate(run, engine, recipe, curator)
 
     def shard(rows: list[dict[str, Any]], k: int, bar: Any) -> list[dict[str, Any]]:
         return score_pairs(engine, recipe, curator, rows, bar)
 
     scored = map_shards(run, f"scored_r{round_}", candidates, cfg.shard_size, shard, desc=f"curate r{round_} ({curator})")
-    kept = [r for r in scored if r["score"] is not None and r["score"] >= cfg.threshold]
+    kept = [r for r in scored if r["score"] is not None and r["score"] >= threshold]
     io.write_jsonl(run.data(f"curated_r{round_}"), kept)
     unparseable = sum(r["score"] is None for r in scored)
     counts = {
@@ -95,9 +99,33 @@ def curate(run: RunDir, engine: Engine, recipe: Recipe, round_: int, curator: st
         "kept": len(kept),
         "dropped": len(scored) - len(kept),
         "truncated": sum(bool(r.get(TRUNCATED)) for r in scored),
-        "threshold": cfg.threshold,
+        "threshold": threshold,
         "curator": curator,
     }
+    if calibration:
+        counts["calibration"] = calibration
     if cfg.method == "rubric" and cfg.mode == "distribution":
         counts["histogram"] = {str(s): sum(r["argmax_score"] == s for r in scored) for s in range(1, 6)}
     return counts
+
+
+GOOD_RATING = 4  # calibration: pairs rated >= this are the good class
+
+
+def calibrate(run: RunDir, engine: Engine, recipe: Recipe, curator: str) -> tuple[float, dict]:
+    """The threshold from human-rated pairs (curate.ratings, else the run's data/ratings.jsonl):
+    the midpoint between the curator's mean score on pairs rated >= GOOD_RATING and on the rest."""
+    path = recipe.curate.ratings or run.data("ratings")
+    try:
+        rated = io.read_jsonl(path)
+    except FileNotFoundError:
+        raise MinibtError(f"curate.calibrate: no ratings file {path} (set curate.ratings)") from None
+    rows = [{"instruction": r["instruction"], "output": r["output"], "rated": r["score"]} for r in rated]
+    scored = [r for r in score_pairs(engine, recipe, curator, rows) if r["score"] is not None]
+    good = [r["score"] for r in scored if r["rated"] >= GOOD_RATING]
+    bad = [r["score"] for r in scored if r["rated"] < GOOD_RATING]
+    if not good or not bad:
+        raise MinibtError(f"curate.calibrate: {path} needs pairs rated >= {GOOD_RATING} and below it")
+    good_mean, bad_mean = float(np.mean(good)), float(np.mean(bad))
+    threshold = round((good_mean + bad_mean) / 2, 4)
+    return threshold, {"ratings": len(scored), "good_mean": round(good_mean, 4), "bad_mean": round(bad_mean, 4)}

@@ -11,16 +11,17 @@ from minibt.toy.world import answer_is_correct, instruction_asks_for
 
 
 def backward_accuracy(generated_instructions: Sequence[str], backward_eval_rows: Sequence[dict]) -> float:
-    """Share of generated instructions that ask for exactly the row's entity and attribute."""
+    """Share of generated instructions that ask for exactly the row's entity and attribute (without
+    stating the row's value, when the row has one)."""
     _same_length(generated_instructions, backward_eval_rows)
     rows = zip(generated_instructions, backward_eval_rows)
-    hits = [instruction_asks_for(g, r["entity"], r["attribute"]) for g, r in rows]
+    hits = [instruction_asks_for(g, r["entity"], r["attribute"], r.get("value")) for g, r in rows]
     return _percent(sum(hits), len(hits))
 
 
 def is_correct_pair(pair: dict) -> bool:
     """A fact text with an instruction that asks for the fact it states."""
-    return pair["label"] == "fact" and instruction_asks_for(pair["instruction"], pair["entity"], pair["attribute"])
+    return pair["label"] == "fact" and instruction_asks_for(pair["instruction"], pair["entity"], pair["attribute"], pair.get("value"))
 
 
 def correct_share(pairs: Sequence[dict]) -> float:
@@ -50,3 +51,8 @@ def _percent(part: int, whole: int) -> float:
 def _same_length(a: Sequence, b: Sequence) -> None:
     if len(a) != len(b):
         raise ValueError(f"{len(a)} model outputs for {len(b)} rows")
+
+
+def echo_share(answers: Sequence[str]) -> float:
+    """Share of answers that are questions (end with "?"): forum-style echoes, not answers."""
+    return _percent(sum(a.strip().endswith("?") for a in answers), len(answers))

@@ -157,11 +157,15 @@ class WorldConfig:
 
 
 def small_world_config(**overrides) -> WorldConfig:
-    """A reduced world for tests: pretraining takes seconds, not minutes."""
+    """A reduced world for tests: its base pretrains in ~35 s instead of ~105 s.
+
+    Smaller than this and the base never learns to copy names from its context (hidden 64 or 400
+    steps: myx wrote 0 % right instructions), and nothing downstream can be measured.
+    """
     small = dict(
-        entities=60, attributes=30, seed_attributes=10, attributes_per_entity=4, values_per_attribute=5,
+        entities=60, attributes=24, seed_attributes=10, attributes_per_entity=6, values_per_attribute=6,
         seed_entities=30, corpus_entities=45, web_pages=100, forum_posts=50, rated_examples=12,
-        vocab_size=600, hidden_size=64, heads=2, pretrain_steps=400, pretrain_lr=1e-2,
+        vocab_size=700, pretrain_steps=900,
     )  # fmt: skip
     return WorldConfig(**{**small, **overrides})
 
@@ -174,9 +178,9 @@ class World:
     seed_attributes: list[str]
     facts: dict[str, dict[str, str]]  # entity -> attribute -> value
     seed_pairs: list[dict] = field(default_factory=list)  # {instruction, output}
-    corpus: list[dict] = field(default_factory=list)  # {text, label: fact|noise, entity, attribute}
+    corpus: list[dict] = field(default_factory=list)  # {text, label: fact|noise, entity, attribute, value}
     eval_questions: list[dict] = field(default_factory=list)  # {instruction, answer, entity, attribute, value}
-    backward_eval: list[dict] = field(default_factory=list)  # {text, entity, attribute}
+    backward_eval: list[dict] = field(default_factory=list)  # {text, entity, attribute, value}
     rated_pairs: list[dict] = field(default_factory=list)  # {instruction, output, score}
     pretrain_texts: list[str] = field(default_factory=list)
 
@@ -214,7 +218,7 @@ def build_world(cfg: WorldConfig) -> World:
     r = rng("corpus")
     in_seed = set(seed_facts)
     fact_rows = [
-        {"text": _answer(r, e, a, facts), "label": "fact", "entity": e, "attribute": a}
+        {"text": _answer(r, e, a, facts), "label": "fact", "entity": e, "attribute": a, "value": facts[e][a]}
         for e in corpus_entities
         for a in facts[e]
         if (e, a) not in in_seed
@@ -222,7 +226,7 @@ def build_world(cfg: WorldConfig) -> World:
     n_noise = round(len(fact_rows) * cfg.noise_fraction / (1 - cfg.noise_fraction))
     # Corpus noise mentions corpus entities only: held-out entities appear in pretraining and nowhere else.
     noise_rows = [
-        {"text": _noise(r, corpus_entities, attributes), "label": "noise", "entity": None, "attribute": None}
+        {"text": _noise(r, corpus_entities, attributes), "label": "noise", "entity": None, "attribute": None, "value": None}
         for _ in range(n_noise)
     ]
     world.corpus = fact_rows + noise_rows
@@ -235,7 +239,7 @@ def build_world(cfg: WorldConfig) -> World:
         for e in held_out for a in facts[e] if a not in seed_set
     ]  # fmt: skip
     world.backward_eval = [
-        {"text": _answer(r, e, a, facts), "entity": e, "attribute": a} for e in held_out for a in facts[e]
+        {"text": _answer(r, e, a, facts), "entity": e, "attribute": a, "value": facts[e][a]} for e in held_out for a in facts[e]
     ]
 
     world.rated_pairs = _rated_pairs(rng("rated"), cfg.rated_examples, seed_facts, facts, seed_attributes)
@@ -246,10 +250,16 @@ def build_world(cfg: WorldConfig) -> World:
 # --- ground truth ----------------------------------------------------------------------------
 
 
-def instruction_asks_for(instruction: str, entity: str, attribute: str) -> bool:
-    """The instruction names the entity and the attribute word, and no other attribute word."""
-    named = set(re.findall(r"[a-z]+", instruction.lower())) & _ATTRIBUTE_SET
-    return named == {attribute} and _mentions(instruction, entity)
+def instruction_asks_for(instruction: str, entity: str, attribute: str, value: str | None = None) -> bool:
+    """The instruction is a request (a question, or "Tell me ..."), names the entity and the attribute
+    word and no other attribute word, and, when the value is given, does not state it: a statement
+    about the fact ("The A of E is V.", with any V) is not an instruction that asks for it."""
+    text = instruction.strip()
+    if not (text.endswith("?") or text.lower().startswith("tell me")):
+        return False
+    named = set(re.findall(r"[a-z]+", text.lower())) & _ATTRIBUTE_SET
+    stated = value is not None and _mentions(text, value)
+    return named == {attribute} and _mentions(text, entity) and not stated
 
 
 def answer_is_correct(answer: str, value: str) -> bool:

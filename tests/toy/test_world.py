@@ -104,6 +104,10 @@ def test_ground_truth_checks():
     assert not instruction_asks_for("What is the color of Zorbinal?", "Zorbin", "color")
     assert not instruction_asks_for("What is the colour of Zorbin?", "Zorbin", "color")
     assert not instruction_asks_for("What is the color and height of Zorbin?", "Zorbin", "color")
+    assert not instruction_asks_for("The color of Zorbin is Kavela.", "Zorbin", "color", "Kavela")  # states it
+    assert instruction_asks_for("What is the color of Zorbin?", "Zorbin", "color", "Kavela")
+    assert not instruction_asks_for("The color of Zorbin is Dorun.", "Zorbin", "color", "Kavela")  # a statement
+    assert instruction_asks_for("Tell me the color of Zorbin.", "Zorbin", "color", "Kavela")
     assert answer_is_correct("The color of Zorbin is Kavela.", "Kavela")
     assert answer_is_correct("kavela", "Kavela")
     assert not answer_is_correct("The color of Zorbin is Kavelano.", "Kavela")
@@ -146,7 +150,7 @@ def test_small_base_loads_and_renders_chat(tmp_path):
     from minibt import prompts
     from minibt.toy.base import build_base
 
-    cfg = small_world_config()
+    cfg = small_world_config(pretrain_steps=50)  # loadable and cached, not knowledgeable
     world = build_world(cfg)
     folder = build_base(cfg, world, cache_dir=tmp_path)
     assert list(tmp_path.joinpath("toy-base").iterdir()) == [folder]  # no temp folder left behind

@@ -1,0 +1,104 @@
+"""A reduced toy world through the real pipeline (the CLI, 4-bit base, every stage), and the same run
+with one stage broken on purpose: the ground-truth metrics must show the break.
+
+One good run and two broken ones share one small pretrained base (~20 s, cached under MINIBT_CACHE
+for the test session); the broken runs train their forward models only briefly, since what they
+check happens before.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from minibt.cli import main
+from minibt.toy.evaluate import claims
+from minibt.toy.world import small_world_config
+
+TRAIN = {"batch_size": 16, "learning_rate": 2.0e-3, "warmup_ratio": 0.0}
+
+
+def small_recipe(**sections) -> dict:
+    recipe = {
+        "run": {"name": "toy-small", "seed": 0, "threads": 1},
+        "model": {"backend": "transformers", "quantization": "nf4", "max_length": 128},
+        "lora": {"r": 32, "alpha": 64},
+        "backward": {**TRAIN, "max_steps": 80},
+        "augment": {"max_new_tokens": 24, "batch_size": 64, "shard_size": 1024},
+        "curate": {"method": "likelihood", "threshold": 0.5, "batch_size": 64, "shard_size": 2048},
+        "forward": {**TRAIN, "max_steps": 60},
+        "toy": dataclasses.asdict(small_world_config()),
+    }
+    for key, values in sections.items():
+        recipe[key] = {**recipe[key], **values}
+    return recipe
+
+
+@pytest.fixture(scope="module")
+def toy_cache(tmp_path_factory):
+    """MINIBT_CACHE for this module: the caller's when set (CI caches it per run), else a temp dir."""
+    old = os.environ.get("MINIBT_CACHE")
+    if not old:
+        os.environ["MINIBT_CACHE"] = str(tmp_path_factory.mktemp("minibt-cache"))
+    yield os.environ["MINIBT_CACHE"]
+    if old is None:
+        os.environ.pop("MINIBT_CACHE", None)
+
+
+def run_toy(root: Path, name: str, recipe: dict) -> dict:
+    path = root / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    result = CliRunner().invoke(main, ["run", str(path), "--out", str(root / name)])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    assert "forward accuracy (held-out)" in result.output  # the readable summary
+    return json.loads((root / name / "metrics.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def good(toy_cache, tmp_path_factory) -> dict:
+    return run_toy(tmp_path_factory.mktemp("toy-run"), "good", small_recipe())
+
+
+def test_small_world_run_writes_sane_metrics(good):
+    for key in ("backward_accuracy", "augmented_correct_share", "curated_correct_share", "curation_precision",
+                "curation_recall", "noise_fraction", "clean_share"):
+        assert 0.0 <= good[key] <= 100.0, key
+    assert set(good["forward_accuracy"]) == {"base", "m0", "m1", "m1_uncurated"}
+    assert all(0.0 <= v <= 100.0 for v in good["forward_accuracy"].values())
+    assert good["noise_fraction"] == pytest.approx(80.0, abs=1.0)
+    # the method works at all on the small world (which is much weaker than the default one: measured
+    # backward 14 %, correct pairs 2 % -> 14 %): myx writes right instructions, curation finds them
+    assert good["backward_accuracy"] >= 8.0
+    assert good["curated_correct_share"] >= good["augmented_correct_share"] + 8.0
+    assert good["curation_precision"] >= good["clean_share"] + 10.0
+    assert [c["claim"] for c in good["claims"]] == [c for c, _, _ in claims(good)]
+
+
+def test_backward_trained_the_wrong_way_shows(good, toy_cache, tmp_path_factory, monkeypatch):
+    """myx trained instruction -> output (the seed NOT reversed): it no longer writes instructions."""
+    from minibt.stages import backward
+
+    def forward_not_reversed(engine, seed):
+        return [{"prompt": backward.backward_prompt(engine, r["instruction"], 64), "completion": r["output"]} for r in seed]
+
+    monkeypatch.setattr(backward, "backward_rows", forward_not_reversed)
+    broken = run_toy(tmp_path_factory.mktemp("toy-run"), "wrong-way", small_recipe(forward={"max_steps": 20}))
+    assert broken["backward_accuracy"] <= 3.0 and broken["backward_accuracy"] < good["backward_accuracy"] - 5
+    assert broken["augmented_correct_share"] <= good["augmented_correct_share"] / 2
+    assert broken["curated_correct_share"] < good["curated_correct_share"] - 5
+
+
+def test_curation_keeping_everything_shows(good, toy_cache, tmp_path_factory):
+    """A threshold below every score: curated pairs are the augmented pairs, precision the clean share."""
+    broken = run_toy(tmp_path_factory.mktemp("toy-run"), "keep-all",
+                     small_recipe(curate={"threshold": -1.0e9}, forward={"max_steps": 20}))
+    assert broken["curated_correct_share"] == pytest.approx(broken["augmented_correct_share"], abs=1.0)
+    assert broken["curated_correct_share"] < good["curated_correct_share"] - 5
+    assert broken["curation_precision"] == pytest.approx(broken["clean_share"], abs=1.0)
+    assert broken["curation_recall"] == 100.0
