@@ -333,6 +333,11 @@ def _coerce(tp: Any, v: Any, key: str) -> Any:
             raise RecipeError(f"{key}: expected an integer, got {_kind(v)}")
         return v
     if tp is float:
+        if isinstance(v, str):  # YAML 1.1 reads 2e-3 (no dot) as a string
+            try:
+                v = float(v)
+            except ValueError:
+                pass
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             raise RecipeError(f"{key}: expected a number, got {_kind(v)}")
         return float(v)

@@ -36,8 +36,9 @@ def test_defaults_and_paths_resolve_beside_the_recipe(tmp_path):
 
 
 def test_overrides_apply_with_yaml_types(tmp_path):
-    r = load_recipe(write(tmp_path, BASE), ["forward.rounds=2", "curate.threshold=5", "lora.r=8", "run.name=x"])
+    r = load_recipe(write(tmp_path, BASE), ["forward.rounds=2", "curate.threshold=5", "lora.r=8", "run.name=x", "backward.learning_rate=2e-3"])
     assert r.forward.rounds == 2 and r.curate.threshold == 5.0 and r.lora.r == 8 and r.run.name == "x"
+    assert r.backward.learning_rate == 0.002  # YAML 1.1 reads 2e-3 as a string
 
 
 @pytest.mark.parametrize(
