@@ -61,8 +61,14 @@ def run_toy(root: Path, name: str, recipe: dict) -> dict:
 
 
 @pytest.fixture(scope="module")
-def good(toy_cache, tmp_path_factory) -> dict:
-    return run_toy(tmp_path_factory.mktemp("toy-run"), "good", small_recipe())
+def good_run(toy_cache, tmp_path_factory) -> tuple[Path, dict]:
+    root = tmp_path_factory.mktemp("toy-run")
+    return root / "good", run_toy(root, "good", small_recipe())
+
+
+@pytest.fixture(scope="module")
+def good(good_run) -> dict:
+    return good_run[1]
 
 
 def test_small_world_run_writes_sane_metrics(good):
@@ -102,3 +108,16 @@ def test_curation_keeping_everything_shows(good, toy_cache, tmp_path_factory):
     assert broken["curated_correct_share"] < good["curated_correct_share"] - 5
     assert broken["curation_precision"] == pytest.approx(broken["clean_share"], abs=1.0)
     assert broken["curation_recall"] == 100.0
+
+
+def test_pairwise_eval_m1_vs_m0_on_the_toy_world(good_run):
+    """`minibt eval` on a real toy run: m1 vs m0 on the world's held-out questions, both orders."""
+    run, _ = good_run
+    result = CliRunner().invoke(main, ["eval", str(run), "--judge", "m1", "--limit", "24", "--max-new-tokens", "24"])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    metrics = json.loads((run / "metrics.json").read_text())
+    pairwise = metrics["pairwise"]["m1_vs_m0"]
+    assert pairwise["instructions"] == "data/eval.jsonl" and pairwise["n"] == 24
+    low, high = pairwise["ci95"]
+    assert 0.0 <= low <= pairwise["win_rate"] <= high <= 1.0
+    assert "forward_accuracy" in metrics  # the toy metrics survive the merge
