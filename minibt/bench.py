@@ -238,12 +238,13 @@ def rating_completion(score: int, reasoning: bool) -> str:
     return f"{head}{prompts.SCORE_PREFIX} {score}"
 
 
-def seed_ratings(world: Any, n: int, seed: int = 0) -> list[dict[str, Any]]:
+def seed_ratings(world: Any, n: int, seed: int = 0, stream: str = "bench") -> list[dict[str, Any]]:
     """More rated pairs from the seed pairs, by the world's own rating rule (world._rated_pairs): a
-    seed pair as it is 5, its instruction with another seed pair's output 2, with a noise text 1."""
+    seed pair as it is 5, its instruction with another seed pair's output 2, with a noise text 1.
+    `stream` names the random stream, so each user of these ratings draws its own."""
     import random
 
-    rng = random.Random(f"bench:{seed}")
+    rng = random.Random(f"{stream}:{seed}")
     pairs = rng.sample(world.seed_pairs, min(n, len(world.seed_pairs)))
     noise = [r["text"] for r in world.corpus if r["label"] == "noise"]
     rows = []

@@ -26,19 +26,6 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def world_ratings(world, n: int, seed: int) -> list[dict]:
-    rng = random.Random(f"rubric:{seed}")
-    pairs = rng.sample(world.seed_pairs, min(n, len(world.seed_pairs)))
-    noise = [r["text"] for r in world.corpus if r["label"] == "noise"]
-    rows = []
-    for p in pairs:
-        other = rng.choice([q for q in world.seed_pairs if q["instruction"] != p["instruction"]])
-        rows += [{"instruction": p["instruction"], "output": p["output"], "score": 5},
-                 {"instruction": p["instruction"], "output": other["output"], "score": 2},
-                 {"instruction": p["instruction"], "output": rng.choice(noise), "score": 1}]
-    return rows
-
-
 def judge(rows: list[dict], keep: list[bool]) -> dict:
     from minibt.toy import metrics
 
@@ -60,6 +47,7 @@ def main() -> None:
     torch.set_num_threads(1)
 
     from minibt import io
+    from minibt.bench import seed_ratings
     from minibt.engine import Engine
     from minibt.rundir import RunDir
     from minibt.stages.curate import RUBRIC_ANSWER_ROOM, rubric_prompt, score_pairs
@@ -75,7 +63,7 @@ def main() -> None:
                                  curate=dataclasses.replace(recipe.curate, method="rubric", mode="distribution", batch_size=16))
     engine = Engine.load(model, recipe.lora, seed=recipe.run.seed)
 
-    rated = list(world.rated_pairs) + world_ratings(world, args.extra_ratings, recipe.run.seed)
+    rated = list(world.rated_pairs) + seed_ratings(world, args.extra_ratings, recipe.run.seed, stream="rubric")
     rubric_rows = [{"prompt": rubric_prompt(engine, r["instruction"], r["output"], RUBRIC_ANSWER_ROOM),
                     "completion": f"Score: {r['score']}"} for r in rated]
     rows = forward_rows(engine, recipe, world.seed_pairs, []) + rubric_rows
