@@ -55,7 +55,7 @@ def main() -> None:
 @click.argument("recipe_path", metavar="RECIPE", type=click.Path(dir_okay=False, path_type=Path))
 @click.argument("overrides", nargs=-1, metavar="[section.key=value]...")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Run directory (default: runs/<recipe name>).")
-@click.option("--dry-run", is_flag=True, help="Validate, print the resolved recipe and the stage plan; load nothing.")
+@click.option("--dry-run", is_flag=True, help="Validate, print the resolved recipe, the stage plan and a memory estimate; load nothing.")
 @click.option("--fresh", is_flag=True, help="Delete the run directory first instead of resuming it.")
 @_friendly
 def run(recipe_path: Path, overrides: tuple[str, ...], out: Path | None, dry_run: bool, fresh: bool) -> None:
