@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -64,3 +65,47 @@ def build_tiny_model(path, vocab_size: int = 384, hidden: int = 64, layers: int 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> str:
     return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
+
+
+# --- one tiny finished run, shared by test_report, test_eval and test_export -------------------
+
+FINISHED_SEED = [
+    {"instruction": f"What is the color of the {thing}?", "output": f"The {thing} is {color}."}
+    for thing, color in [("king", "red"), ("queen", "blue"), ("river", "green"), ("city", "yellow")] * 2
+]
+# two passages the corpus filters drop: a duplicate and one too short
+FINISHED_CORPUS = [{"text": f"The {t} of the {p} is {c}."} for t in ("color", "capital") for p in ("north", "south") for c in ("red", "blue")]
+FINISHED_CORPUS += [{"text": FINISHED_CORPUS[0]["text"]}, {"text": "Red."}]
+
+
+def _finished_recipe(model_dir: str) -> str:
+    train = "{max_steps: 2, batch_size: 4, learning_rate: 1.0e-3}"
+    return f"""
+run: {{name: tiny, seed: 0}}
+model: {{name: {model_dir}, backend: transformers, quantization: nf4, max_length: 1024}}
+lora: {{r: 4, alpha: 8}}
+seed: {{path: seed.jsonl}}
+corpus: {{path: corpus.jsonl, min_chars: 10}}
+backward: {train}
+augment: {{max_new_tokens: 6, batch_size: 8, shard_size: 8}}
+curate: {{threshold: 2.0, batch_size: 8, shard_size: 8}}
+forward: {{max_steps: 2, batch_size: 4, learning_rate: 1.0e-3, rounds: 1}}
+"""
+
+
+@pytest.fixture(scope="session")
+def finished_run(tiny_model_dir, tmp_path_factory) -> tuple[Path, Path, str]:
+    """(root, run directory, `minibt run` output) of one tiny run: myx, m0, curate_r1, m1.
+    Shared by test_report, test_eval and test_export; its corpus loses two passages to the filters."""
+    from click.testing import CliRunner
+
+    from minibt import io
+    from minibt.cli import main
+
+    root = tmp_path_factory.mktemp("finished")
+    io.write_jsonl(root / "seed.jsonl", FINISHED_SEED)
+    io.write_jsonl(root / "corpus.jsonl", FINISHED_CORPUS)
+    (root / "tiny.yaml").write_text(_finished_recipe(tiny_model_dir))
+    result = CliRunner().invoke(main, ["run", str(root / "tiny.yaml"), "--out", str(root / "run")])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    return root, root / "run", result.output

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from test_report import finished_run  # noqa: F401  (the shared tiny run)
 
 import minibt.evaluate as ev
 from minibt import io

@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from test_report import finished_run  # noqa: F401  (the shared tiny run)
 
 from minibt.cli import main
 

@@ -1,7 +1,4 @@
-"""report.md after a run: stage counts, score histograms, length and loss plots (PNG), samples, claims.
-
-`finished_run` (one tiny whole run on a 4-bit Llama, shared by test_report, test_eval, test_export).
-"""
+"""report.md after a run: stage counts, score histograms, length and loss plots (PNG), samples, claims."""
 
 from __future__ import annotations
 
@@ -17,51 +14,6 @@ from minibt.cli import main
 from minibt.rundir import RunDir
 
 PNG = b"\x89PNG\r\n\x1a\n"
-
-SEED = [
-    {"instruction": f"What is the color of the {thing}?", "output": f"The {thing} is {color}."}
-    for thing, color in [("king", "red"), ("queen", "blue"), ("river", "green"), ("city", "yellow")] * 2
-]
-# two passages the corpus filters drop: a duplicate and one too short
-CORPUS = [{"text": f"The {t} of the {p} is {c}."} for t in ("color", "capital") for p in ("north", "south") for c in ("red", "blue")]
-CORPUS += [{"text": CORPUS[0]["text"]}, {"text": "Red."}]
-
-
-def _recipe(model_dir: str) -> str:
-    train = "{max_steps: 2, batch_size: 4, learning_rate: 1.0e-3}"
-    return f"""
-run: {{name: tiny, seed: 0}}
-model: {{name: {model_dir}, backend: transformers, quantization: nf4, max_length: 1024}}
-lora: {{r: 4, alpha: 8}}
-seed: {{path: seed.jsonl}}
-corpus: {{path: corpus.jsonl, min_chars: 10}}
-backward: {train}
-augment: {{max_new_tokens: 6, batch_size: 8, shard_size: 8}}
-curate: {{threshold: 2.0, batch_size: 8, shard_size: 8}}
-forward: {{max_steps: 2, batch_size: 4, learning_rate: 1.0e-3, rounds: 1}}
-"""
-
-
-@pytest.fixture(scope="session")
-def finished_run(tiny_model_dir, tmp_path_factory) -> tuple[Path, Path, str]:
-    """(root, run directory, `minibt run` output) of one tiny run: myx, m0, curate_r1, m1.
-
-    Other test modules import this fixture; pytest then sets it up once per module, so the run is cached here.
-    """
-    if tiny_model_dir in _RUNS:
-        return _RUNS[tiny_model_dir]
-    root = tmp_path_factory.mktemp("finished")
-    io.write_jsonl(root / "seed.jsonl", SEED)
-    io.write_jsonl(root / "corpus.jsonl", CORPUS)
-    (root / "tiny.yaml").write_text(_recipe(tiny_model_dir))
-    result = CliRunner().invoke(main, ["run", str(root / "tiny.yaml"), "--out", str(root / "run")])
-    assert result.exit_code == 0, result.output + repr(result.exception)
-    _RUNS[tiny_model_dir] = root, root / "run", result.output
-    return _RUNS[tiny_model_dir]
-
-
-_RUNS: dict[str, tuple[Path, Path, str]] = {}
-
 
 def _is_png(path: Path) -> bool:
     return path.is_file() and path.read_bytes()[:8] == PNG
