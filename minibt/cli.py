@@ -129,7 +129,7 @@ def chat(run_dir: Path, adapter: str, max_new_tokens: int, temperature: float, t
             break
         if line.startswith("/adapter"):
             adapter = line.split(maxsplit=1)[1].strip() if " " in line.strip() else adapter
-            session._attach(adapter)
+            session.attach(adapter)
             click.echo(f"now talking to {adapter}")
             continue
         if line.strip() == "/reset":

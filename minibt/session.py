@@ -34,13 +34,13 @@ class Session:
         self.engine: Engine = open_engine(self.recipe, self.run.manifest.get("base_model"))
         wanted = list(adapters) if adapters is not None else self.run.adapter_names()
         for name in wanted:
-            self._attach(name)
+            self.attach(name)
 
     @property
     def adapters(self) -> list[str]:
         return self.engine.adapters
 
-    def _attach(self, name: str) -> None:
+    def attach(self, name: str) -> None:
         if name == BASE or name in self.engine.adapters:
             return
         if not (self.run.adapter(name) / "adapter_config.json").exists():
@@ -54,7 +54,7 @@ class Session:
 
     def generate(self, instructions: list[str] | str, adapter: str = "m1", max_new_tokens: int = 256,
                  temperature: float = 0.0, top_p: float = 1.0, batch_size: int = 8) -> list[str]:
-        self._attach(adapter)
+        self.attach(adapter)
         if isinstance(instructions, str):
             instructions = [instructions]
         return self.engine.generate(adapter, [self.prompt(i) for i in instructions], max_new_tokens=max_new_tokens,
@@ -63,7 +63,7 @@ class Session:
     def stream(self, messages: list[dict[str, str]], adapter: str, max_new_tokens: int = 256, temperature: float = 0.7,
                top_p: float = 0.9, on_text=print) -> str:
         """One chat reply to `messages` (user/assistant turns), streamed to `on_text`."""
-        self._attach(adapter)
+        self.attach(adapter)
         cfg = self.recipe.forward
         system = [{"role": "system", "content": cfg.seed_tag}] if cfg.tags else []
         prompt = self.engine.render(system + messages)
@@ -72,7 +72,7 @@ class Session:
     def backtranslate(self, texts: list[str] | str, adapter: str = MYX, max_new_tokens: int = 64,
                       temperature: float = 0.0, top_p: float = 1.0, batch_size: int = 8) -> list[str]:
         """The instruction each text answers, written by the backward model."""
-        self._attach(adapter)
+        self.attach(adapter)
         if isinstance(texts, str):
             texts = [texts]
         return self.engine.generate(adapter, [backward_prompt(self.engine, t, max_new_tokens) for t in texts],
@@ -80,7 +80,7 @@ class Session:
 
     def score(self, instruction: str, output: str, adapter: str = "m0") -> dict[str, Any]:
         """The curator's rubric score for one pair: digit probabilities, expected score, argmax."""
-        self._attach(adapter)
+        self.attach(adapter)
         probs, mass = self.engine.next_token_probs(
             adapter, [rubric_prompt(self.engine, instruction, output, RUBRIC_ANSWER_ROOM)],
             prompts.SCORE_PREFIX, prompts.SCORE_CHOICES)

@@ -135,14 +135,20 @@ def _row_pairs(
     pairs = []
     for where, row, why in records:
         try:
-            if why:
-                raise _BadRow(why)
-            if not isinstance(row, dict):
-                raise _BadRow(f"not an object but {type(row).__name__}")
+            row = _object(row, why)
             pairs.append(_messages_pair(row) if cols is None else _columns_pair(row, cols))
         except _BadRow as e:
             bad.add(where, str(e))
     return pairs
+
+
+def _object(row: Any, why: Optional[str]) -> dict:
+    """The record as a JSON object, or _BadRow saying why it is not one."""
+    if why:
+        raise _BadRow(why)
+    if not isinstance(row, dict):
+        raise _BadRow(f"not an object but {type(row).__name__}")
+    return row
 
 
 def _columns_pair(row: dict, cols: dict[str, Optional[str]]) -> dict[str, str]:
@@ -180,10 +186,7 @@ def _oasst_pairs(records: Iterable[Record], bad: BadRows, counts: dict[str, int]
     roots, best_reply = [], {}
     for where, row, why in records:
         try:
-            if why:
-                raise _BadRow(why)
-            if not isinstance(row, dict):
-                raise _BadRow(f"not an object but {type(row).__name__}")
+            row = _object(row, why)
             msg = {k: _text(row, k) for k in ("message_id", "role", "text")}
         except _BadRow as e:
             bad.add(where, str(e))
