@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
+import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -206,11 +209,17 @@ class Engine:
 
         A new trainer per call, so every role starts with a fresh optimizer and touches only its own
         adapter. Returns the trainer's log history and summary numbers.
+
+        Every `cfg.save_steps` optimizer steps a checkpoint of this adapter alone (its LoRA weights as
+        safetensors, the optimizer, scheduler, RNG and trainer state) replaces the previous one in
+        `work_dir`. When `work_dir` holds one made with the same settings and rows (a fingerprint), a
+        new call resumes from it: same sampler seed and epoch, consumed batches skipped.
         """
         if not rows:
             raise MinibtError(f"no training rows for adapter {name}")
+        cfg, checkpoints = self._checkpoints(name, rows, cfg, Path(work_dir))
         try:
-            return self._train_once(name, rows, cfg, work_dir)
+            return self._train_once(name, rows, cfg, work_dir, checkpoints)
         except torch.cuda.OutOfMemoryError:
             if cfg.batch_size == 1:
                 raise MinibtError(f"out of memory training {name} at batch size 1: lower model.max_length") from None
@@ -220,6 +229,58 @@ class Engine:
             torch.cuda.empty_cache()
             self.delete_adapter(name)
             return self.train(name, rows, smaller, work_dir)
+
+    def _train_settings(self, name: str, rows_digest: str, count: int, cfg: TrainSection) -> dict[str, Any]:
+        """Everything that decides how training goes: a checkpoint resumes only under the same settings."""
+        return {
+            "version": _CHECKPOINT_VERSION,
+            "adapter": name,
+            "rows": rows_digest,
+            "examples": count,
+            "model": self.model_cfg.name,
+            "revision": self.model_cfg.revision,
+            "backend": self.backend,
+            "quantization": self.model_cfg.quantization,
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "max_length": self.model_cfg.max_length,
+            "lora": dataclasses.asdict(self.lora),
+            "seed": self.seed,
+            # numbers as the recipe types them (epochs: 3 and 3.0 are one setting)
+            **{key: float(v) if isinstance(v, int) and key in _FLOAT_KEYS else v
+               for key, v in ((key, getattr(cfg, key)) for key in _TRAIN_KEYS)},
+        }
+
+    def _checkpoints(self, name: str, rows: Sequence[dict[str, str]], cfg: TrainSection, work: Path) -> tuple[TrainSection, "_Checkpoints | None"]:
+        """The training config to use and where its checkpoints go, resuming the newest matching one.
+
+        A checkpoint made after an out-of-memory retry (half the batch, twice the accumulation) is
+        resumed with that smaller batch, so a rerun does not run out of memory again first.
+        """
+        if cfg.save_steps <= 0:
+            return cfg, None
+        digest = _rows_digest(rows)
+        found = _list_checkpoints(work)
+        variants = [cfg]
+        while variants[-1].batch_size > 1:
+            last = variants[-1]
+            variants.append(dataclasses.replace(last, batch_size=last.batch_size // 2, grad_accum=last.grad_accum * 2))
+        for variant in variants:
+            settings = self._train_settings(name, digest, len(rows), variant)
+            fingerprint = _fingerprint(settings)
+            for step, path, info in found:
+                if info.get("fingerprint") == fingerprint:
+                    if variant is not cfg:
+                        log.info("%s: an earlier attempt ran out of memory; resuming with batch_size %d x grad_accum %d",
+                                 name, variant.batch_size, variant.grad_accum)
+                    log.info("resuming %s from step %d (%s)", name, step, path)
+                    return variant, _Checkpoints(work, name, variant.save_steps, fingerprint, settings, resume=path)
+        settings = self._train_settings(name, digest, len(rows), cfg)
+        if found:
+            step, path, info = found[0]
+            why = _first_change(info.get("settings", {}), settings) or "another version of minibt"
+            log.warning("%s: not resuming %s from %s, made with other settings (%s): training from the start",
+                        name, name, path.name, why)
+        return cfg, _Checkpoints(work, name, cfg.save_steps, _fingerprint(settings), settings)
 
     def packing(self, requested: bool) -> bool:
         """Whether training packs rows (trl `packing`, strategy bfd), given the recipe's `packing` switch.
@@ -244,7 +305,8 @@ class Engine:
                     "flash-attention or unsloth on a GPU): training on padded batches", attn)
         return False
 
-    def _train_once(self, name: str, rows: Sequence[dict[str, str]], cfg: TrainSection, work_dir: str | os.PathLike) -> dict:
+    def _train_once(self, name: str, rows: Sequence[dict[str, str]], cfg: TrainSection, work_dir: str | os.PathLike,
+                    checkpoints: "_Checkpoints | None" = None) -> dict:
         from datasets import Dataset
         from trl import SFTConfig, SFTTrainer
 
@@ -270,7 +332,9 @@ class Engine:
             use_cpu=not gpu,
             optim="adamw_torch",
             logging_steps=max(1, min(10, cfg.max_steps if cfg.max_steps > 0 else 10)),
-            save_strategy="no",
+            # checkpoints of this adapter alone, written by _ResumableMixin (not the Trainer's own format)
+            save_strategy="steps" if checkpoints is not None else "no",
+            save_steps=checkpoints.every if checkpoints is not None else 500,
             report_to=cfg.report_to,  # tensorboard writes under output_dir (the run's work dir)
             run_name=name,
             seed=self.seed,
@@ -281,7 +345,8 @@ class Engine:
         dataset = Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in rows])
         t0 = time.time()
         with self.use(name, trainable=True):
-            trainer = SFTTrainer(model=self.model, args=args, train_dataset=dataset, processing_class=self.tokenizer)
+            trainer = _resumable(SFTTrainer)(model=self.model, args=args, train_dataset=dataset, processing_class=self.tokenizer)
+            trainer.minibt_checkpoints = checkpoints
             if args.fp16:
                 # trl casts trainable QLoRA weights to bf16 whatever the precision; fp16's gradient scaler
                 # cannot unscale bf16 gradients, and mixed precision wants fp32 master weights anyway
@@ -290,7 +355,10 @@ class Engine:
                         p.data = p.data.float()
             # check again after the trainer touched the weights
             self.check_trainable(name)
-            result = trainer.train()
+            resume = checkpoints.resume if checkpoints is not None else None
+            with _quiet_resume() if resume is not None else contextlib.nullcontext():
+                result = trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
+            self.check_trainable(name)  # a resumed adapter was loaded into the same parameters
         self._mode(training=False)
         history = [h for h in trainer.state.log_history if "loss" in h]
         return {
@@ -621,6 +689,243 @@ def _saved_dtype(path: Path) -> torch.dtype:
 
     with safe_open(str(path), framework="pt") as f:
         return f.get_tensor(next(iter(f.keys()))).dtype
+
+
+# --- checkpoints inside a training stage ----------------------------------------------------
+#
+# work_dir/checkpoint-<step>/ holds ONE adapter's state: adapter_model.safetensors (+ adapter_config.json:
+# a PEFT folder), and the Trainer's own optimizer.pt, scheduler.pt, [scaler.pt,] rng_state.pth and
+# trainer_state.json, then minibt_checkpoint.json (the fingerprint and the loss accounting). It is written
+# in a temporary folder renamed into place, so it appears whole or not at all; only the newest is kept.
+# transformers' own checkpointing is not used: it saves every adapter of the PeftModel, and on resume
+# reloads each adapter folder it finds (peft upcasting their dtypes).
+
+_CHECKPOINT_VERSION = 1
+_CHECKPOINT_PREFIX = "checkpoint"  # transformers' PREFIX_CHECKPOINT_DIR, so folders read checkpoint-<step>
+_CHECKPOINT_INFO = "minibt_checkpoint.json"
+_CHECKPOINT_FILES = ("adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json",
+                     _CHECKPOINT_INFO)
+_CHECKPOINT_NAME = re.compile(rf"{_CHECKPOINT_PREFIX}-(\d+)")
+_CHECKPOINT_TEMP = re.compile(rf"\.{_CHECKPOINT_PREFIX}-\d+\..*\.tmp")
+# the TrainSection keys that change what training does (not save_steps, report_to, gradient_checkpointing)
+_TRAIN_KEYS = ("epochs", "learning_rate", "batch_size", "grad_accum", "max_steps", "warmup_ratio", "lr_scheduler",
+               "weight_decay", "packing")
+_FLOAT_KEYS = {"epochs", "learning_rate", "warmup_ratio", "weight_decay"}
+
+
+@dataclasses.dataclass
+class _Checkpoints:
+    """Where one training run's checkpoints go, how often, under which fingerprint, and which to resume."""
+
+    dir: Path
+    adapter: str
+    every: int  # optimizer steps between checkpoints
+    fingerprint: str
+    settings: dict[str, Any]  # what the fingerprint covers, kept readable for the log line of a mismatch
+    resume: Path | None = None
+
+
+def _rows_digest(rows: Sequence[dict[str, str]]) -> str:
+    h = hashlib.sha256()
+    for r in rows:
+        h.update(json.dumps([r["prompt"], r["completion"]], ensure_ascii=False).encode("utf-8"))
+        h.update(b"\n")
+    return h.hexdigest()
+
+
+def _fingerprint(settings: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode("utf-8")).hexdigest()[:16]
+
+
+def _first_change(old: dict[str, Any], new: dict[str, Any]) -> str | None:
+    for key in [*new, *(k for k in old if k not in new)]:
+        if old.get(key) != new.get(key):
+            if key == "rows":
+                return "other training rows"
+            return f"{key}: {old.get(key)!r} before, {new.get(key)!r} now"
+    return None
+
+
+def _list_checkpoints(work: Path) -> list[tuple[int, Path, dict[str, Any]]]:
+    """The complete checkpoints in `work`, newest first: (step, folder, its minibt_checkpoint.json)."""
+    found = []
+    if not work.is_dir():
+        return found
+    for path in work.iterdir():
+        m = _CHECKPOINT_NAME.fullmatch(path.name)
+        if not m or not path.is_dir() or not all((path / f).is_file() for f in _CHECKPOINT_FILES):
+            continue
+        try:
+            info = json.loads((path / _CHECKPOINT_INFO).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        found.append((int(m.group(1)), path, info))
+    return sorted(found, key=lambda t: -t[0])
+
+
+def _is_checkpoint(path: Path) -> bool:
+    return bool(_CHECKPOINT_NAME.fullmatch(path.name) or _CHECKPOINT_TEMP.fullmatch(path.name))
+
+
+def clear_checkpoints(work_dir: str | os.PathLike) -> None:
+    """Delete the training checkpoints in `work_dir` (and half-written ones), once the adapter is saved."""
+    work = Path(work_dir)
+    if work.is_dir():
+        for path in work.iterdir():
+            if _is_checkpoint(path):
+                shutil.rmtree(path, ignore_errors=True)
+
+
+def _plain(x: Any) -> Any:
+    return x.item() if isinstance(x, torch.Tensor) else x
+
+
+def _write_checkpoint(trainer: Any, ck: _Checkpoints) -> Path:
+    """Write `ck.adapter`'s checkpoint at the trainer's current step, atomically; drop older ones."""
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+    from transformers.trainer_callback import ExportableState
+
+    step = trainer.state.global_step
+    ck.dir.mkdir(parents=True, exist_ok=True)
+    final = ck.dir / f"{_CHECKPOINT_PREFIX}-{step}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=ck.dir))
+    try:
+        trainer.store_flos()
+        weights = get_peft_model_state_dict(trainer.model, adapter_name=ck.adapter)
+        save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(tmp / "adapter_model.safetensors"),
+                  metadata={"format": "pt"})
+        trainer.model.peft_config[ck.adapter].save_pretrained(str(tmp))
+        trainer._save_optimizer_and_scheduler(str(tmp))
+        trainer._save_scaler(str(tmp))
+        trainer._save_rng_state(str(tmp))
+        # as Trainer._save_checkpoint does: stateful callbacks and the control go into the trainer state
+        for cb in [c for c in trainer.callback_handler.callbacks + [trainer.control] if isinstance(c, ExportableState)]:
+            name = cb.__class__.__name__
+            if isinstance(trainer.state.stateful_callbacks.get(name), list):
+                trainer.state.stateful_callbacks[name].append(cb.state())
+            else:
+                trainer.state.stateful_callbacks[name] = cb.state()
+        trainer.state.save_to_json(str(tmp / "trainer_state.json"))
+        metrics = getattr(trainer, "_metrics", {}).get("train", {})  # trl's running means between two log lines
+        info = {
+            "adapter": ck.adapter,
+            "step": step,
+            "fingerprint": ck.fingerprint,
+            "settings": ck.settings,
+            # the loss accounting a resumed run continues, so its train_loss and log lines equal an uninterrupted run's
+            "trainer": {
+                "total_loss": trainer._total_loss_scalar,
+                "pending_loss": _plain(trainer._tr_loss),
+                "last_logged": trainer._globalstep_last_logged,
+                "train_tokens": _plain(getattr(trainer, "_total_train_tokens", 0)),
+                "metrics": {k: [_plain(v) for v in vs] for k, vs in metrics.items()},
+            },
+        }
+        (tmp / _CHECKPOINT_INFO).write_text(json.dumps(info, indent=1), encoding="utf-8")
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for other in ck.dir.iterdir():
+        if other != final and _is_checkpoint(other):
+            shutil.rmtree(other, ignore_errors=True)
+    log.info("%s: checkpoint at step %d", ck.adapter, step)
+    return final
+
+
+def _load_adapter_weights(model: Any, name: str, path: Path) -> None:
+    """Copy adapter `name`'s weights from a checkpoint into its own parameters (their dtypes stay), nothing else."""
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    weights = load_file(str(path))
+    want = get_peft_model_state_dict(model, adapter_name=name)
+    if set(weights) != set(want) or any(weights[k].shape != want[k].shape for k in want):
+        raise MinibtError(f"{path}: does not hold adapter {name}'s weights; delete {path.parent} to train {name} from the start")
+    result = set_peft_model_state_dict(model, weights, adapter_name=name)
+    if getattr(result, "unexpected_keys", None):
+        raise MinibtError(f"{path}: weights {result.unexpected_keys[0]} ... do not fit adapter {name}")
+
+
+@contextlib.contextmanager
+def _quiet_resume() -> Iterator[None]:
+    """Hide accelerate's "dataset had no length" lines: the dataloader that skips consumed batches reports no
+    remainder at the end of the resumed epoch; one process gathers nothing, so there is nothing to drop."""
+    logger = logging.getLogger("accelerate.accelerator")
+    quiet = _MessageFilter("had no length")
+    logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)
+
+
+class _MessageFilter(logging.Filter):
+    def __init__(self, text: str):
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in record.getMessage()
+
+
+class _ResumableMixin:
+    """Checkpoint-and-resume for a trl SFTTrainer that trains one adapter of a multi-adapter PeftModel.
+
+    Optimizer, scheduler, scaler, RNG states, trainer state and skipping consumed batches are the Trainer's
+    own code (`train(resume_from_checkpoint=...)`); model weights are this adapter's alone.
+    """
+
+    minibt_checkpoints: _Checkpoints | None = None
+    _minibt_restore: dict[str, Any] | None = None
+
+    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        ck = self.minibt_checkpoints
+        if ck is None:
+            return super()._save_checkpoint(model, trial)
+        if self.state.global_step >= self.state.max_steps:
+            return  # training is over: the caller saves the finished adapter
+        _write_checkpoint(self, ck)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
+        ck = self.minibt_checkpoints
+        if ck is None:
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        folder = Path(resume_from_checkpoint)
+        _load_adapter_weights(self.model, ck.adapter, folder / "adapter_model.safetensors")
+        self._minibt_restore = json.loads((folder / _CHECKPOINT_INFO).read_text(encoding="utf-8"))["trainer"]
+
+    def _init_training_state(self, max_steps: int, *args: Any, **kwargs: Any) -> Any:
+        out = super()._init_training_state(max_steps, *args, **kwargs)
+        if self._minibt_restore is not None:  # this run's logging/save steps, not the checkpoint's
+            self.state.compute_steps(self.args, max_steps)
+        return out
+
+    def _run_epoch(self, *args: Any, **kwargs: Any) -> Any:
+        saved, self._minibt_restore = self._minibt_restore, None
+        if saved is not None:  # the training loop has just reset its loss accounting: continue the checkpoint's
+            self._total_loss_scalar = saved["total_loss"]
+            self._tr_loss.fill_(saved["pending_loss"])
+            self._globalstep_last_logged = saved["last_logged"]
+            if hasattr(self, "_total_train_tokens"):
+                self._total_train_tokens = saved["train_tokens"]
+            if hasattr(self, "_metrics"):
+                self._metrics["train"].clear()
+                self._metrics["train"].update(saved["metrics"])
+        return super()._run_epoch(*args, **kwargs)
+
+
+_RESUMABLE: dict[type, type] = {}
+
+
+def _resumable(trainer_cls: type) -> type:
+    """`trainer_cls` (trl's SFTTrainer, or the one unsloth patched in) with minibt's checkpoints."""
+    if trainer_cls not in _RESUMABLE:
+        _RESUMABLE[trainer_cls] = type(f"Resumable{trainer_cls.__name__}", (_ResumableMixin, trainer_cls), {})
+    return _RESUMABLE[trainer_cls]
 
 
 def _lora_config(lora: LoraSection) -> Any:

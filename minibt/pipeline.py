@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from minibt import io
-from minibt.engine import Engine, import_backend
+from minibt.engine import Engine, clear_checkpoints, import_backend
 from minibt.recipe import Recipe
 from minibt.rundir import RunDir
 from minibt.stages.augment import TRUNCATED, augment
@@ -111,8 +111,13 @@ def need(rd: RunDir, engine: Engine, name: str) -> None:
 
 
 def adapter_stage(rd: RunDir, engine: Engine, stage: str, name: str, train: Callable[[Path], dict[str, Any]]) -> None:
-    """Train adapter `name` unless its stage is done; save it as a PEFT folder and log its loss curve."""
+    """Train adapter `name` unless its stage is done; save it as a PEFT folder and log its loss curve.
+
+    Training checkpoints in work/<name>/ (see Engine.train) let a killed stage resume mid-training; they
+    are deleted once the stage is recorded done, the finished adapter being in adapters/<name>/.
+    """
     if rd.done(stage) and rd.adapter(name).exists():
+        clear_checkpoints(rd.work(name))  # left behind if a run was killed just after the stage finished
         return
     if name in engine.adapters:  # a half-trained adapter from a failed attempt in this process
         engine.delete_adapter(name)
@@ -121,3 +126,4 @@ def adapter_stage(rd: RunDir, engine: Engine, stage: str, name: str, train: Call
         engine.save_adapter(name, rd.adapter(name))
         io.write_json(rd.path / "logs" / f"{name}.json", result.pop("log_history"))
         counts.update(result)
+    clear_checkpoints(rd.work(name))

@@ -123,6 +123,9 @@ class TrainSection:
     gradient_checkpointing: bool = True  # GPU only; off on CPU where it only costs time
     # training logs also go to tensorboard (under the run's work/<adapter>/runs/) or wandb
     report_to: Literal["none", "tensorboard", "wandb"] = "none"
+    # every save_steps optimizer steps, a checkpoint of the adapter in training (weights, optimizer,
+    # scheduler, RNG) replaces the last in the run's work/<adapter>/: a killed run resumes from it. 0: off
+    save_steps: int = 50
 
     def check(self, key: str) -> None:
         if self.report_to != "none":
@@ -136,6 +139,8 @@ class TrainSection:
         _positive(f"{key}.batch_size", self.batch_size)
         _positive(f"{key}.grad_accum", self.grad_accum)
         _in_range(f"{key}.warmup_ratio", self.warmup_ratio, 0.0, 1.0)
+        if self.save_steps < 0:
+            raise RecipeError(f"{key}.save_steps: must be >= 0 (0 switches checkpoints off), got {self.save_steps}")
 
 
 @dataclass

@@ -29,7 +29,8 @@ from minibt.recipe import Recipe
 # Sections whose change makes finished stages invalid. `run.threads` and batch sizes of inference
 # stages change speed, not results, so a rerun may change them.
 _RESULT_KEYS_IGNORED = {("run", "threads"), ("augment", "batch_size"), ("curate", "batch_size"),
-                        ("backward", "report_to"), ("forward", "report_to")}  # where logs go, not results
+                        ("backward", "report_to"), ("forward", "report_to"),  # where logs go, not results
+                        ("backward", "save_steps"), ("forward", "save_steps")}  # when checkpoints are written
 
 
 def _now() -> str:

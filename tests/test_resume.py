@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -37,7 +38,7 @@ corpus: {{path: corpus.jsonl, dedup: false}}
 backward: {{max_steps: 6, batch_size: 4, learning_rate: 1.0e-3}}
 augment: {{max_new_tokens: 12, batch_size: 4, shard_size: 8}}
 curate: {{threshold: 2.5, batch_size: 4, shard_size: 8}}
-forward: {{max_steps: 40, batch_size: 4, learning_rate: 1.0e-3}}
+forward: {{max_steps: 40, batch_size: 4, learning_rate: 1.0e-3, save_steps: 10}}
 """
 
 
@@ -58,11 +59,12 @@ def status(out: Path, stage: str) -> str:
     return manifest(out).get("stages", {}).get(stage, {}).get("status", "pending")
 
 
-# Where to pull the plug: inside sharded stages once a shard is on disk, and mid-training.
+# Where to pull the plug: inside sharded stages once a shard is on disk, and mid-training once a
+# training checkpoint is on disk (forward.save_steps: 10 of m1's 40 steps).
 KILL_POINTS = {
     "augment": lambda out: status(out, "augment") == "running" and any((out / "data" / "augmented.shards").glob("*.jsonl")),
     "curate_r1": lambda out: status(out, "curate_r1") == "running" and any((out / "data" / "scored_r1.shards").glob("*.jsonl")),
-    "m1": lambda out: status(out, "m1") == "running",
+    "m1": lambda out: status(out, "m1") == "running" and any((out / "work" / "m1").glob("checkpoint-*")),
 }
 
 
@@ -117,6 +119,8 @@ def test_sigkill_in_any_stage_then_rerun_gives_the_uninterrupted_result(root):
     log = finish(start(root, "killed"))
 
     assert "reused" in log or finished_before_kill  # shards or stages survived the kills
+    assert re.search(r"resuming m1 from step (10|20|30) ", log), "m1 did not resume from its checkpoint"
+    assert not list((out / "work").glob("*/*checkpoint-*")), "checkpoints are deleted once their stage is done"
     stages = manifest(out)["stages"]
     for name, when in finished_before_kill.items():
         assert stages[name]["finished"] == when, f"{name} was redone although it had finished"
