@@ -11,11 +11,17 @@ other (the fast side twice, around the slow one, keeping the better time):
   pass) vs the paper's own way, reasoning then "Score: N" generated and parsed, with a reasoning
   budget; both through `stages.curate.score_pairs`, on the same augmented pairs. Also the Spearman
   rank agreement of the two scores (pairs with unparseable ratings are counted and left out).
+  The toy corpus is 80 % noise, which a curator rates 1: on a plain sample three quarters of the
+  generated ratings tie, and no tie-free score (the expected score) can then reach a Spearman above
+  ~0.75 against them (`rank_agreement_ceiling`; a score whose classes match exactly reaches it).
+  So the headline pairs are half noise, half fact texts, as they come (each text's instruction is
+  myx's, right or wrong); the plain sample is measured too (`curation.natural`).
 - training: `Engine.train` vs a bare trl `SFTTrainer` + peft script, same base, rows, config, steps.
 
 The toy world supplies everything on a CPU (`--quick`: a few minutes). Its curator is taught the
-rubric first: an adapter trained on the world's rated pairs in the rubric format (plus seed pairs),
-so that both curation modes have something to agree on. On a GPU, `gpu_config` builds a random-weight
+rubric first: an adapter trained on the world's rated pairs in the rubric format, plus seed pairs and
+myx's own augmented pairs (other corpus texts than those scored) rated by the world's rule, so that
+both curation modes have something to agree on. On a GPU, `gpu_config` builds a random-weight
 Llama of a real shape (bench/gpu.md): speeds are real, scores are not.
 """
 
@@ -61,11 +67,15 @@ GPU_CONFIGS: dict[str, dict[str, Any]] = {
                          max_position_embeddings=131072, rms_norm_eps=1e-5, tie_word_embeddings=False),
 }  # fmt: skip
 
-# A brief reasoning before the score, as the rubric asks ("first provide a brief reasoning").
+# A brief reasoning before the score, as the rubric asks ("first provide a brief reasoning"). Each opens
+# with its conclusion, in a word of its own: free generation then decides at its first token, as the
+# distribution mode does at the digit. (Verdicts sharing "The answer states ..." made the generated
+# mode decide over two later tokens, which a 2-layer curator learnt less reliably: agreement 0.58-0.86
+# over run seeds 0-2, against 0.80-0.87 this way.)
 VERDICTS = {
-    5: "The answer states exactly the fact that was asked for, directly, as a helpful assistant would.",
-    2: "The answer states a fact, but about another name or thing than the one that was asked for.",
-    1: "The answer is web text that does not answer the question at all.",
+    5: "Right question: the answer states exactly the fact that was asked for, as a helpful assistant would.",
+    2: "Wrong question: the answer states a fact, but about another name or thing than the one asked for.",
+    1: "Not an answer: it is web text that does not answer the question at all.",
 }
 
 
@@ -78,18 +88,21 @@ class Settings:
     curator_steps: int = 200  # teaching the curator the rubric (not part of any comparison)
     curator_batch: int = 8
     seed_ratings: int = 40  # seed pairs rated by the world's rule (x3: right, wrong, noise output)
+    augmented_ratings: int = 300  # augmented pairs of other corpus texts, rated by the world's rule
     reasoning_tokens: int = 128  # the recipe's default budget for generated reasoning
     max_length: int = 768  # the rubric prompt is ~520 toy tokens; RoPE computes past pretraining length
     gen_repeats: int = 2  # batched generation runs (before and after the loop)
 
 
-QUICK = Settings(generate_prompts=64, curate_pairs=96, train_steps=20, train_repeats=4, curator_steps=180,
+# The curator's 300 steps (~2 of the bench's ~3 minutes here): at 240 (run seed 0) its generated mode
+# still called most fact texts web text (agreement 0.53); at 300 both modes tell them apart (0.80-0.87).
+QUICK = Settings(generate_prompts=64, curate_pairs=96, train_steps=20, train_repeats=4, curator_steps=300,
                  reasoning_tokens=64)  # fmt: skip
 
 # Random-weight models of real shapes never stop at EOS: every generation runs its whole budget, and
 # the one-at-a-time loop on an 8B model costs ~25 ms per token. The curator only needs to exist.
 GPU = Settings(generate_prompts=64, curate_pairs=128, train_steps=30, train_repeats=2, curator_steps=10,
-               reasoning_tokens=128)  # fmt: skip
+               augmented_ratings=0, reasoning_tokens=128)  # fmt: skip
 
 
 # --- statistics ------------------------------------------------------------------------------
@@ -120,6 +133,12 @@ def spearman(a: Sequence[float], b: Sequence[float]) -> float | None:
     ra, rb = ra - ra.mean(), rb - rb.mean()
     den = math.sqrt(float((ra**2).sum() * (rb**2).sum()))
     return None if den == 0 else float((ra * rb).sum() / den)
+
+
+def tie_ceiling(b: Sequence[float]) -> float | None:
+    """The highest Spearman any tie-free score can reach against `b`: that of a score ordering b's
+    classes exactly (which order it gives inside a class of tied b changes nothing)."""
+    return spearman([x + 1e-9 * i for i, x in enumerate(b)], b)
 
 
 # --- measuring -------------------------------------------------------------------------------
@@ -272,7 +291,9 @@ def curator_rows(engine: Any, rated: Sequence[dict]) -> list[dict[str, str]]:
 
 def compare_curation(engine: Any, recipe: Any, curator: str, pairs: list[dict[str, Any]], reasoning_tokens: int,
                      batch_size: int, repeats: int = 2) -> dict[str, Any]:
-    """Distribution scoring vs generated reasoning + parsed score, through the curate stage's own code."""
+    """Distribution scoring vs generated reasoning + parsed score, through the curate stage's own code.
+
+    repeats=0 scores each way once, untimed (agreement only)."""
     from minibt.stages.curate import score_pairs
 
     dist_recipe = dataclasses.replace(recipe, curate=dataclasses.replace(
@@ -284,34 +305,47 @@ def compare_curation(engine: Any, recipe: Any, curator: str, pairs: list[dict[st
     for _ in range(max(0, repeats - 1)):
         dist_runs.append(timed(lambda: score_pairs(engine, dist_recipe, curator, pairs)))
     dist, dist_s = min(dist_runs, key=lambda r: r[1])
+    out: dict[str, Any] = {"pairs": len(pairs), "reasoning_tokens": reasoning_tokens, "batch_size": batch_size}
+    if repeats:
+        out.update({
+            "seconds": {"distribution": round(dist_s, 3), "generate": round(gen_s, 3),
+                        "distribution_runs": [round(s, 3) for _, s in dist_runs]},
+            "pairs_per_second": {"distribution": round(len(pairs) / dist_s, 1), "generate": round(len(pairs) / gen_s, 1)},
+            "speedup": round(gen_s / dist_s, 2),
+        })
+    out.update(agreement(dist, gen))
+    out["generated_rating_tokens_mean"] = round(count_tokens(engine, [g["rating"] for g in gen]) / max(1, len(gen)), 1)
+    out["example_rating"] = gen[0]["rating"] if gen else None
+    out["_scores"] = {"distribution": [d["score"] for d in dist], "generate": [g["score"] for g in gen]}
+    return out
 
+
+def agreement(dist: Sequence[dict[str, Any]], gen: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """How the two modes' scores of the same pairs agree; unparseable generated ratings are left out."""
     parsed = [i for i, g in enumerate(gen) if g["score"] is not None]
-    agreement = spearman([dist[i]["score"] for i in parsed], [gen[i]["score"] for i in parsed])
-    gen_tokens = count_tokens(engine, [g["rating"] for g in gen])
-    out = {
-        "pairs": len(pairs),
-        "reasoning_tokens": reasoning_tokens,
-        "batch_size": batch_size,
-        "seconds": {"distribution": round(dist_s, 3), "generate": round(gen_s, 3),
-                    "distribution_runs": [round(s, 3) for _, s in dist_runs]},
-        "pairs_per_second": {"distribution": round(len(pairs) / dist_s, 1), "generate": round(len(pairs) / gen_s, 1)},
-        "speedup": round(gen_s / dist_s, 2),
-        "generated_rating_tokens_mean": round(gen_tokens / max(1, len(gen)), 1),
+    g = [gen[i]["score"] for i in parsed]
+    return {
         "unparseable": {"distribution": sum(d["score"] is None for d in dist), "generate": len(gen) - len(parsed)},
         "unparseable_rate": {"distribution": round(sum(d["score"] is None for d in dist) / max(1, len(dist)), 4),
                              "generate": round((len(gen) - len(parsed)) / max(1, len(gen)), 4)},
-        "rank_agreement": None if agreement is None else round(agreement, 4),
+        "rank_agreement": _round(spearman([dist[i]["score"] for i in parsed], g)),
         "rank_agreement_pairs": len(parsed),
-        "rank_agreement_argmax": _round(spearman([dist[i]["argmax_score"] for i in parsed], [gen[i]["score"] for i in parsed])),
+        "rank_agreement_ceiling": _round(tie_ceiling(g)),
+        "rank_agreement_argmax": _round(spearman([dist[i]["argmax_score"] for i in parsed], g)),
         "truncated_for_rubric": sum(bool(d.get("truncated_for_rubric")) for d in dist),
         "score_histogram": {
             "distribution_argmax": {str(s): sum(d["argmax_score"] == s for d in dist) for s in range(1, 6)},
-            "generate": {str(s): sum(g["score"] == s for g in gen) for s in range(1, 6)},
+            "generate": {str(s): sum(x["score"] == s for x in gen) for s in range(1, 6)},
         },
-        "example_rating": gen[0]["rating"] if gen else None,
-        "_scores": {"distribution": [d["score"] for d in dist], "generate": [g["score"] for g in gen]},
     }
-    return out
+
+
+def stratified(pairs: Sequence[dict[str, Any]], n: int) -> list[dict[str, Any]]:
+    """The first n/2 noise and n - n/2 fact texts of `pairs` (the world's labels of the texts, not of
+    the instructions), in their order; fewer when a kind runs out."""
+    noise = [p for p in pairs if p["label"] != "fact"][: n // 2]
+    facts = [p for p in pairs if p["label"] == "fact"][: n - n // 2]
+    return noise + facts
 
 
 def truth_scores(world: Any, pairs: Sequence[dict[str, Any]]) -> list[int]:
@@ -481,7 +515,8 @@ def run_bench(settings: Settings, recipe_path: str | os.PathLike | None = None, 
     log.info("bench: %s (%s, %s), %d params", model_dir, engine.backend, recipe.model.quantization, params)
 
     # 1. training: the backward model myx, minibt's way and the bare way
-    train_cfg = dataclasses.replace(recipe.backward, max_steps=settings.train_steps)
+    # no checkpoints in timed training (the bare script writes none either)
+    train_cfg = dataclasses.replace(recipe.backward, max_steps=settings.train_steps, save_steps=0)
     with memory.phase("training"):
         training = compare_training(engine, model_dir, backward_rows(engine, world.seed_pairs), train_cfg,
                                     work / "train", settings.train_repeats, keep=MYX)
@@ -495,33 +530,52 @@ def run_bench(settings: Settings, recipe_path: str | os.PathLike | None = None, 
                                         aug.batch_size, seed=recipe.run.seed, repeats=settings.gen_repeats)
     instructions = generation.pop("_outputs")
 
-    # 3. the curator learns the rubric, then both curation modes score the same augmented pairs
-    cur_cfg = dataclasses.replace(recipe.forward, max_steps=settings.curator_steps, batch_size=settings.curator_batch)
+    # 3. the curator learns the rubric from rated pairs, then both curation modes score the same
+    # augmented pairs. Its lessons use texts from the corpus's end; the scored pairs come from its start.
+    def augment(rows: Sequence[dict], seed: int) -> list[dict[str, Any]]:
+        texts, rows = build_prompts(engine, rows, lambda r: backward_prompt(engine, r["text"], aug.max_new_tokens), "t")
+        made = engine.generate(MYX, texts, max_new_tokens=aug.max_new_tokens, temperature=aug.temperature,
+                               top_p=aug.top_p, batch_size=aug.batch_size, seed=seed)
+        return [{**r, "instruction": i, "output": r["text"]} for r, i in zip(rows, made) if i.strip()]
+
+    lessons = world.corpus[len(world.corpus) - settings.augmented_ratings :] if settings.augmented_ratings else []
+    scorable = world.corpus[: len(world.corpus) - len(lessons)]
+    pool = [{**r, "instruction": i, "output": r["text"]} for r, i in zip(corpus, instructions) if i.strip()]
+    seen, chunk = settings.generate_prompts, 2 * settings.curate_pairs
+    while (len(pool) < settings.curate_pairs or len(stratified(pool, settings.curate_pairs)) < settings.curate_pairs) \
+            and seen < len(scorable):
+        pool += augment(scorable[seen : seen + chunk], recipe.run.seed + 1 + seen)
+        seen += chunk
+    pairs, natural = stratified(pool, settings.curate_pairs), pool[: settings.curate_pairs]
+
+    cur_cfg = dataclasses.replace(recipe.forward, max_steps=settings.curator_steps, batch_size=settings.curator_batch,
+                                  save_steps=0)
     with memory.phase("curator_training"):
         rated = list(world.rated_pairs) + seed_ratings(world, settings.seed_ratings, recipe.run.seed)
+        taught = augment(lessons, recipe.run.seed + 7) if lessons else []
+        rated += [{"instruction": p["instruction"], "output": p["output"], "score": t}
+                  for p, t in zip(taught, truth_scores(world, taught))]
         cur_res, cur_s = timed(lambda: engine.train(CURATOR, curator_rows(engine, rated), cur_cfg, work / "curator"))
-    pool = [{**r, "instruction": i, "output": r["text"]} for r, i in zip(corpus, instructions) if i.strip()]
-    if len(pool) < settings.curate_pairs:  # more augmented pairs than the generation comparison made
-        more = world.corpus[settings.generate_prompts : settings.generate_prompts + settings.curate_pairs - len(pool) + 16]
-        more_texts, more = build_prompts(engine, more, lambda r: backward_prompt(engine, r["text"], aug.max_new_tokens), "t")
-        more_instr = engine.generate(MYX, more_texts, max_new_tokens=aug.max_new_tokens, temperature=aug.temperature,
-                                     top_p=aug.top_p, batch_size=aug.batch_size, seed=recipe.run.seed + 1)
-        pool += [{**r, "instruction": i, "output": r["text"]} for r, i in zip(more, more_instr) if i.strip()]
-    pairs = pool[: settings.curate_pairs]
     with memory.phase("curation"):
         curation = compare_curation(engine, recipe, CURATOR, pairs, settings.reasoning_tokens,
                                     recipe.curate.batch_size, repeats=2)
-    scores = curation.pop("_scores")
-    truth = truth_scores(world, pairs)
-    if gpu_config is None:
-        parsed = [i for i, s in enumerate(scores["generate"]) if s is not None]
-        curation["truth_spearman"] = {
-            "distribution": _round(spearman(scores["distribution"], truth)),
-            "generate": _round(spearman([scores["generate"][i] for i in parsed], [truth[i] for i in parsed])),
-            "note": "vs the toy world's ground truth (5 fact asked for, 2 fact under a wrong instruction, 1 noise)",
-        }
-    curation["curator"] = {"rated_pairs": len(rated), "from_world_rated_pairs": len(world.rated_pairs), "rows": cur_res["examples"], "steps": cur_res["steps"], "train_loss": cur_res["train_loss"],
-                           "seconds": round(cur_s, 1)}
+        curation["natural"] = compare_curation(engine, recipe, CURATOR, natural, settings.reasoning_tokens,
+                                               recipe.curate.batch_size, repeats=0)
+    curation["pairs_drawn"] = (f"{sum(p['label'] != 'fact' for p in pairs)} noise + {sum(p['label'] == 'fact' for p in pairs)} "
+                               f"fact texts, in corpus order, with myx's instructions (curation.natural: the first "
+                               f"{len(natural)} texts as they come)")
+    for part in (curation, curation["natural"]):
+        scores, truth = part.pop("_scores"), truth_scores(world, pairs if part is curation else natural)
+        if gpu_config is None:
+            parsed = [i for i, s in enumerate(scores["generate"]) if s is not None]
+            part["truth_spearman"] = {
+                "distribution": _round(spearman(scores["distribution"], truth)),
+                "generate": _round(spearman([scores["generate"][i] for i in parsed], [truth[i] for i in parsed])),
+                "note": "vs the toy world's ground truth (5 fact asked for, 2 fact under a wrong instruction, 1 noise)",
+            }
+    curation["curator"] = {"rated_pairs": len(rated), "from_world_rated_pairs": len(world.rated_pairs),
+                           "from_augmented_pairs": len(taught), "rows": cur_res["examples"], "steps": cur_res["steps"],
+                           "train_loss": cur_res["train_loss"], "seconds": round(cur_s, 1)}
 
     result = {
         "bench": "minibt",
@@ -583,7 +637,9 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
         f"({g['prompts']} prompts, max_new_tokens {g['max_new_tokens']}): x{g['speedup']}",
         f"curation    distribution {c['seconds']['distribution']} s vs generate ({c['reasoning_tokens']} reasoning tokens) "
         f"{c['seconds']['generate']} s on {c['pairs']} pairs: x{c['speedup']}; Spearman {c['rank_agreement']} "
-        f"over {c['rank_agreement_pairs']}; unparseable {c['unparseable_rate']}",
+        f"over {c['rank_agreement_pairs']} (tie ceiling {c['rank_agreement_ceiling']}, argmax {c['rank_agreement_argmax']}; "
+        f"plain sample {c['natural']['rank_agreement']}, ceiling {c['natural']['rank_agreement_ceiling']}); "
+        f"unparseable {c['unparseable_rate']}",
         f"training    bare trl {t['seconds']['bare']} s vs Engine.train {t['seconds']['minibt']} s "
         f"({t['steps']} steps): ratio {t['ratio']}",
         f"memory      {result['peak_memory_mib']}",

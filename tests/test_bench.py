@@ -83,6 +83,33 @@ def test_curation_sides_score_the_same_pairs(engine):
     assert all(1 <= s <= 5 for s in c["_scores"]["distribution"])
 
 
+def test_untimed_curation_gives_agreement_only(engine):
+    pairs = [{"instruction": "what is the king", "output": "the king is red."}] * 2
+    c = bench.compare_curation(engine, Recipe(), "rater", pairs, reasoning_tokens=4, batch_size=2, repeats=0)
+    assert "seconds" not in c and "speedup" not in c
+    assert c["rank_agreement_pairs"] + c["unparseable"]["generate"] == 2
+
+
+def test_tie_ceiling_is_what_a_score_ordering_the_classes_reaches():
+    generated = [1, 1, 1, 1, 1, 1, 2, 2, 5, 5]  # many ties, as a curator's 1-5 ratings of mostly noise
+    ceiling = bench.tie_ceiling(generated)
+    exact = [0.1, 0.3, 0.2, 0.05, 0.4, 0.35, 2.1, 2.4, 4.7, 4.9]  # any order inside a class
+    assert bench.spearman(exact, generated) == pytest.approx(ceiling)
+    assert bench.spearman(sorted(exact), generated) == pytest.approx(ceiling)
+    assert ceiling < 0.95  # six tied ratings of ten cap every tie-free score well below 1
+    swapped = exact[:5] + [2.2] + exact[6:]  # one pair out of its class: below the ceiling
+    assert bench.spearman(swapped, generated) < ceiling
+    assert bench.spearman([1, 1, 1, 1, 1, 1, 2, 2, 5, 5], generated) == pytest.approx(1.0)  # ties matched exactly
+    assert bench.tie_ceiling([1, 2, 3]) == pytest.approx(1.0)
+
+
+def test_stratified_takes_half_noise_half_facts_in_order():
+    pairs = [{"label": lab, "i": i} for i, lab in enumerate("nnnnfnnfnnnf")]
+    picked = bench.stratified([{**p, "label": "fact" if p["label"] == "f" else "noise"} for p in pairs], 4)
+    assert [p["i"] for p in picked] == [0, 1, 4, 7]
+    assert len(bench.stratified([{"label": "noise"}] * 5, 4)) == 2  # facts ran out: fewer, never padded
+
+
 def test_prefix_cache_scores_exactly_like_full_prompts(engine):
     head = "tell me about the north and the south and the large old city of the king. " * 3
     texts = [engine.render([{"role": "user", "content": head + tail}])
@@ -166,6 +193,8 @@ def fake_result() -> dict:
                               "max_new_tokens": 1, "speedup": 1.0},
                   curation={"seconds": {"distribution": 1, "generate": 1}, "reasoning_tokens": 1, "pairs": 1,
                             "speedup": 1.0, "rank_agreement": 1.0, "rank_agreement_pairs": 1,
+                            "rank_agreement_ceiling": 1.0, "rank_agreement_argmax": 1.0,
+                            "natural": {"rank_agreement": 0.7, "rank_agreement_ceiling": 0.7},
                             "unparseable_rate": {"distribution": 0.0, "generate": 0.1}},
                   training={"seconds": {"bare": [1.0], "minibt": [1.0]}, "steps": 1, "ratio": 1.0},
                   model={"source": "x", "parameters": 1, "backend": "transformers", "quantization": "nf4"},
@@ -218,10 +247,13 @@ def test_bench_end_to_end_on_a_small_world(tmp_path, monkeypatch):
         "toy": dataclasses.asdict(small_world_config()),
     }))
     settings = bench.Settings(generate_prompts=4, curate_pairs=5, train_steps=2, train_repeats=1, curator_steps=2,
-                              curator_batch=2, seed_ratings=2, reasoning_tokens=6, gen_repeats=1)
+                              curator_batch=2, seed_ratings=2, augmented_ratings=4, reasoning_tokens=6, gen_repeats=1)
     result = bench.run_bench(settings, recipe, work_dir=tmp_path / "work")
     check_schema(result)
     json.dumps(result)  # JSON-ready
     assert result["generation"]["outputs"] == {"batched": 4, "one_at_a_time": 4}
     assert result["curation"]["pairs"] == result["curation"]["rank_agreement_pairs"] + result["curation"]["unparseable"]["generate"]
+    natural = result["curation"]["natural"]
+    assert natural["pairs"] == natural["rank_agreement_pairs"] + natural["unparseable"]["generate"]
+    assert result["curation"]["curator"]["from_augmented_pairs"] > 0
     assert result["unparseable_rate"]["distribution"] == 0.0
