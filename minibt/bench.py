@@ -71,7 +71,7 @@ GPU_CONFIGS: dict[str, dict[str, Any]] = {
 # with its conclusion, in a word of its own: free generation then decides at its first token, as the
 # distribution mode does at the digit. (Verdicts sharing "The answer states ..." made the generated
 # mode decide over two later tokens, which a 2-layer curator learnt less reliably: agreement 0.58-0.86
-# over run seeds 0-2, against 0.80-0.87 this way.)
+# over run seeds 0-2, against 0.72-0.86 this way.)
 VERDICTS = {
     5: "Right question: the answer states exactly the fact that was asked for, as a helpful assistant would.",
     2: "Wrong question: the answer states a fact, but about another name or thing than the one asked for.",
@@ -95,7 +95,7 @@ class Settings:
 
 
 # The curator's 300 steps (~2 of the bench's ~3 minutes here): at 240 (run seed 0) its generated mode
-# still called most fact texts web text (agreement 0.53); at 300 both modes tell them apart (0.80-0.87).
+# still called most fact texts web text (agreement 0.53); at 300, 0.72-0.86 over run seeds 0-2.
 QUICK = Settings(generate_prompts=64, curate_pairs=96, train_steps=20, train_repeats=4, curator_steps=300,
                  reasoning_tokens=64)  # fmt: skip
 
