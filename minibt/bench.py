@@ -13,7 +13,7 @@ other (the fast side twice, around the slow one, keeping the better time):
   rank agreement of the two scores (pairs with unparseable ratings are counted and left out).
   The toy corpus is 80 % noise, which a curator rates 1: on a plain sample three quarters of the
   generated ratings tie, and no tie-free score (the expected score) can then reach a Spearman above
-  ~0.75 against them (`rank_agreement_ceiling`; a score whose classes match exactly reaches it).
+  ~0.5-0.75 against them (`rank_agreement_ceiling`; a score whose classes match exactly reaches it).
   So the headline pairs are half noise, half fact texts, as they come (each text's instruction is
   myx's, right or wrong); the plain sample is measured too (`curation.natural`).
 - training: `Engine.train` vs a bare trl `SFTTrainer` + peft script, same base, rows, config, steps.
