@@ -564,9 +564,10 @@ def run_bench(settings: Settings, recipe_path: str | os.PathLike | None = None, 
     curation["pairs_drawn"] = (f"{sum(p['label'] != 'fact' for p in pairs)} noise + {sum(p['label'] == 'fact' for p in pairs)} "
                                f"fact texts, in corpus order, with myx's instructions (curation.natural: the first "
                                f"{len(natural)} texts as they come)")
-    for part in (curation, curation["natural"]):
-        scores, truth = part.pop("_scores"), truth_scores(world, pairs if part is curation else natural)
+    for part, scored in ((curation, pairs), (curation["natural"], natural)):
+        scores = part.pop("_scores")
         if gpu_config is None:
+            truth = truth_scores(world, scored)
             parsed = [i for i, s in enumerate(scores["generate"]) if s is not None]
             part["truth_spearman"] = {
                 "distribution": _round(spearman(scores["distribution"], truth)),

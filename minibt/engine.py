@@ -855,21 +855,15 @@ def _quiet_resume() -> Iterator[None]:
     """Hide accelerate's "dataset had no length" lines: the dataloader that skips consumed batches reports no
     remainder at the end of the resumed epoch; one process gathers nothing, so there is nothing to drop."""
     logger = logging.getLogger("accelerate.accelerator")
-    quiet = _MessageFilter("had no length")
+
+    def quiet(record: logging.LogRecord) -> bool:
+        return "had no length" not in record.getMessage()
+
     logger.addFilter(quiet)
     try:
         yield
     finally:
         logger.removeFilter(quiet)
-
-
-class _MessageFilter(logging.Filter):
-    def __init__(self, text: str):
-        super().__init__()
-        self.text = text
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return self.text not in record.getMessage()
 
 
 class _ResumableMixin:

@@ -80,3 +80,11 @@ def test_toy_section_is_validated_by_the_world(tmp_path):
 @pytest.mark.parametrize("path", sorted(RECIPES.glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_recipes_validate(path):
     load_recipe(path)
+
+
+def test_save_steps_is_validated():
+    from minibt.recipe import from_dict
+
+    with pytest.raises(RecipeError, match=r"forward\.save_steps: must be >= 0"):
+        from_dict({"toy": {}, "forward": {"save_steps": -1}})
+    assert from_dict({"toy": {}, "backward": {"save_steps": 0}}).backward.save_steps == 0
