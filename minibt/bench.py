@@ -1,7 +1,8 @@
 """`minibt bench`: minibt's augmentation, curation and training measured side by side with the plain way.
 
 Every comparison runs in one process, on the same model, adapter and data, one side right after the
-other (the fast side twice, around the slow one, keeping the better time):
+other (the fast side several times, once before the slow one and the rest after it; its median
+time counts, its best is reported beside):
 
 - generation: `Engine.generate` (batched, length-sorted, left-padded, KV cache, stop at EOS) vs a
   one-prompt-at-a-time loop of `model.generate`, on the same augmentation prompts with the recipe's
@@ -68,14 +69,14 @@ GPU_CONFIGS: dict[str, dict[str, Any]] = {
 }  # fmt: skip
 
 # A brief reasoning before the score, as the rubric asks ("first provide a brief reasoning"). Each opens
-# with its conclusion, in a word of its own: free generation then decides at its first token, as the
-# distribution mode does at the digit. (Verdicts sharing "The answer states ..." made the generated
-# mode decide over two later tokens, which a 2-layer curator learnt less reliably: agreement 0.58-0.86
-# over run seeds 0-2, against 0.72-0.86 this way.)
+# with "Verdict:" and then its conclusion, so free generation decides right after a label, as the
+# distribution mode decides right after "Score:". Run seeds 0/1/2, 300 curator steps of 8 rows: 0.84/0.87/0.82
+# agreement this way; 0.80/0.86/0.72 opening with the conclusion ("Wrong question: ..."), whose
+# single-letter first tokens a 2-layer curator learnt less reliably; 0.58-0.86 with "The answer states ...".
 VERDICTS = {
-    5: "Right question: the answer states exactly the fact that was asked for, as a helpful assistant would.",
-    2: "Wrong question: the answer states a fact, but about another name or thing than the one asked for.",
-    1: "Not an answer: it is web text that does not answer the question at all.",
+    5: "Verdict: right question. The answer states exactly the fact that was asked for, as a helpful assistant would.",
+    2: "Verdict: wrong question. The answer states a fact, but about another name or thing than the one asked for.",
+    1: "Verdict: not an answer. It is web text that does not answer the question at all.",
 }
 
 
@@ -84,20 +85,21 @@ class Settings:
     generate_prompts: int = 256  # augmentation prompts (corpus texts), each side
     curate_pairs: int = 256  # augmented pairs scored by each curation mode
     train_steps: int = 60  # steps of each training side, per repeat
-    train_repeats: int = 2  # minibt, bare, bare, minibt, ... keep each side's best
+    train_repeats: int = 2  # minibt, bare, bare, minibt, ... each side's median (and best)
     curator_steps: int = 200  # teaching the curator the rubric (not part of any comparison)
     curator_batch: int = 8
     seed_ratings: int = 40  # seed pairs rated by the world's rule (x3: right, wrong, noise output)
     augmented_ratings: int = 300  # augmented pairs of other corpus texts, rated by the world's rule
     reasoning_tokens: int = 128  # the recipe's default budget for generated reasoning
     max_length: int = 768  # the rubric prompt is ~520 toy tokens; RoPE computes past pretraining length
-    gen_repeats: int = 2  # batched generation runs (before and after the loop)
+    fast_repeats: int = 5  # runs of each comparison's fast side (batched generation, distribution scoring)
 
 
-# The curator's 300 steps (~2 of the bench's ~3 minutes here): at 240 (run seed 0) its generated mode
-# still called most fact texts web text (agreement 0.53); at 300, 0.72-0.86 over run seeds 0-2.
+# The curator's 300 steps of 6 rows (~1.5 of the bench's ~2.5 minutes here): run seeds 0/1/2 gave
+# agreement 0.84/0.84/0.83; 300 of 8 rows 0.84/0.87/0.82 in a third more time; 150 of 8 at twice the
+# learning rate, 0.71-0.86, and 400 of 4, 0.75-0.79 (seeds 0 and 2).
 QUICK = Settings(generate_prompts=64, curate_pairs=96, train_steps=20, train_repeats=4, curator_steps=300,
-                 reasoning_tokens=64)  # fmt: skip
+                 curator_batch=6, reasoning_tokens=64)  # fmt: skip
 
 # Random-weight models of real shapes never stop at EOS: every generation runs its whole budget, and
 # the one-at-a-time loop on an 8B model costs ~25 ms per token. The curator only needs to exist.
@@ -186,6 +188,10 @@ def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
     return out, time.perf_counter() - t0
 
 
+def median_seconds(runs: Sequence[tuple[Any, float]]) -> float:
+    return float(np.median([s for _, s in runs]))
+
+
 def count_tokens(engine: Any, texts: Sequence[str]) -> int:
     """Tokens in the returned texts: the same count for both sides of a generation comparison."""
     return sum(len(ids) for ids in engine.tokenizer(list(texts), add_special_tokens=False)["input_ids"]) if texts else 0
@@ -214,8 +220,11 @@ def generate_one_at_a_time(engine: Any, adapter: str, prompts: Sequence[str], ma
 
 
 def compare_generation(engine: Any, adapter: str, prompts: Sequence[str], max_new_tokens: int, temperature: float,
-                       top_p: float, batch_size: int, seed: int = 0, repeats: int = 2) -> dict[str, Any]:
-    """Batched `Engine.generate` vs the one-at-a-time loop on the same prompts: tokens/s each side."""
+                       top_p: float, batch_size: int, seed: int = 0, repeats: int = 5) -> dict[str, Any]:
+    """Batched `Engine.generate` vs the one-at-a-time loop on the same prompts: tokens/s each side.
+
+    The batched side runs `repeats` times (seeded: the same texts each time) and its median time counts;
+    one run takes a few tenths of a second on the toy world, where single hiccups of the VM show."""
     batched_runs: list[tuple[list[str], float]] = []
 
     def batched() -> None:
@@ -227,7 +236,7 @@ def compare_generation(engine: Any, adapter: str, prompts: Sequence[str], max_ne
     single, single_s = timed(lambda: generate_one_at_a_time(engine, adapter, prompts, max_new_tokens, temperature, top_p, seed))
     for _ in range(max(0, repeats - 1)):
         batched()
-    out, batched_s = min(batched_runs, key=lambda r: r[1])
+    out, batched_s, best_s = batched_runs[0][0], median_seconds(batched_runs), min(s for _, s in batched_runs)
     b_tokens, s_tokens = count_tokens(engine, out), count_tokens(engine, single)
     b_rate, s_rate = b_tokens / batched_s, s_tokens / single_s
     return {
@@ -242,7 +251,9 @@ def compare_generation(engine: Any, adapter: str, prompts: Sequence[str], max_ne
                     "batched_runs": [round(s, 3) for _, s in batched_runs]},
         "tokens_per_second": {"batched": round(b_rate, 1), "one_at_a_time": round(s_rate, 1)},
         "speedup": round(b_rate / s_rate, 2) if s_rate > 0 else None,
-        "speedup_measure": "generated tokens/s, each returned text re-tokenized by the same tokenizer on both sides",
+        "speedup_best": round(b_tokens / best_s / s_rate, 2) if s_rate > 0 else None,
+        "speedup_measure": "generated tokens/s, each returned text re-tokenized by the same tokenizer on both sides; "
+                           "batched: median of its runs (speedup_best: its best run)",
         "_outputs": out,
     }
 
@@ -290,10 +301,11 @@ def curator_rows(engine: Any, rated: Sequence[dict]) -> list[dict[str, str]]:
 
 
 def compare_curation(engine: Any, recipe: Any, curator: str, pairs: list[dict[str, Any]], reasoning_tokens: int,
-                     batch_size: int, repeats: int = 2) -> dict[str, Any]:
+                     batch_size: int, repeats: int = 5) -> dict[str, Any]:
     """Distribution scoring vs generated reasoning + parsed score, through the curate stage's own code.
 
-    repeats=0 scores each way once, untimed (agreement only)."""
+    Distribution scoring runs `repeats` times and its median time counts; repeats=0 scores each way
+    once, untimed (agreement only)."""
     from minibt.stages.curate import score_pairs
 
     dist_recipe = dataclasses.replace(recipe, curate=dataclasses.replace(
@@ -304,7 +316,7 @@ def compare_curation(engine: Any, recipe: Any, curator: str, pairs: list[dict[st
     gen, gen_s = timed(lambda: score_pairs(engine, gen_recipe, curator, pairs))
     for _ in range(max(0, repeats - 1)):
         dist_runs.append(timed(lambda: score_pairs(engine, dist_recipe, curator, pairs)))
-    dist, dist_s = min(dist_runs, key=lambda r: r[1])
+    dist, dist_s, best_s = dist_runs[0][0], median_seconds(dist_runs), min(s for _, s in dist_runs)
     out: dict[str, Any] = {"pairs": len(pairs), "reasoning_tokens": reasoning_tokens, "batch_size": batch_size}
     if repeats:
         out.update({
@@ -312,6 +324,7 @@ def compare_curation(engine: Any, recipe: Any, curator: str, pairs: list[dict[st
                         "distribution_runs": [round(s, 3) for _, s in dist_runs]},
             "pairs_per_second": {"distribution": round(len(pairs) / dist_s, 1), "generate": round(len(pairs) / gen_s, 1)},
             "speedup": round(gen_s / dist_s, 2),
+            "speedup_best": round(gen_s / best_s, 2),
         })
     out.update(agreement(dist, gen))
     out["generated_rating_tokens_mean"] = round(count_tokens(engine, [g["rating"] for g in gen]) / max(1, len(gen)), 1)
@@ -409,7 +422,7 @@ def bare_trl_train(model_dir: str, engine: Any, rows: Sequence[dict[str, str]], 
 
 def compare_training(engine: Any, model_dir: str, rows: Sequence[dict[str, str]], cfg: Any, work: Path,
                      repeats: int, keep: str) -> dict[str, Any]:
-    """`Engine.train` vs the bare script, alternating (minibt, bare, bare, minibt, ...); best time each.
+    """`Engine.train` vs the bare script, alternating (minibt, bare, bare, minibt, ...); median time each (and best).
 
     The first minibt run trains adapter `keep`, which stays on the engine (the bench uses it next).
     """
@@ -527,7 +540,7 @@ def run_bench(settings: Settings, recipe_path: str | os.PathLike | None = None, 
     texts, corpus = build_prompts(engine, corpus, lambda r: backward_prompt(engine, r["text"], aug.max_new_tokens), "t")
     with memory.phase("generation"):
         generation = compare_generation(engine, MYX, texts, aug.max_new_tokens, aug.temperature, aug.top_p,
-                                        aug.batch_size, seed=recipe.run.seed, repeats=settings.gen_repeats)
+                                        aug.batch_size, seed=recipe.run.seed, repeats=settings.fast_repeats)
     instructions = generation.pop("_outputs")
 
     # 3. the curator learns the rubric from rated pairs, then both curation modes score the same
@@ -558,7 +571,7 @@ def run_bench(settings: Settings, recipe_path: str | os.PathLike | None = None, 
         cur_res, cur_s = timed(lambda: engine.train(CURATOR, curator_rows(engine, rated), cur_cfg, work / "curator"))
     with memory.phase("curation"):
         curation = compare_curation(engine, recipe, CURATOR, pairs, settings.reasoning_tokens,
-                                    recipe.curate.batch_size, repeats=2)
+                                    recipe.curate.batch_size, repeats=settings.fast_repeats)
         curation["natural"] = compare_curation(engine, recipe, CURATOR, natural, settings.reasoning_tokens,
                                                recipe.curate.batch_size, repeats=0)
     curation["pairs_drawn"] = (f"{sum(p['label'] != 'fact' for p in pairs)} noise + {sum(p['label'] == 'fact' for p in pairs)} "

@@ -664,15 +664,24 @@ def _repeat_cache(cache: Any, n: int) -> Any:
     return out
 
 
+# Nucleus sampling looks among the k likeliest tokens first: a full sort of the vocabulary every step
+# was 14 % of augmentation time on the toy world (64 rows x 1,600 tokens), and more with a 128k one.
+_NUCLEUS_CANDIDATES = 64
+
+
 def _pick(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
     """Next token per row: argmax at temperature 0, else nucleus sampling (the smallest set of tokens
     whose probability reaches top_p)."""
     if temperature <= 0:
         return logits.argmax(-1)
     probs = torch.softmax(logits / temperature, dim=-1)
-    sorted_probs, order = probs.sort(dim=-1, descending=True)
-    sorted_probs[(sorted_probs.cumsum(-1) - sorted_probs) > top_p] = 0  # the top token always stays
-    return order.gather(-1, torch.multinomial(sorted_probs, 1)).squeeze(-1)
+    if top_p >= 1:
+        return torch.multinomial(probs, 1).squeeze(-1)
+    top, order = probs.topk(min(_NUCLEUS_CANDIDATES, probs.shape[-1]), dim=-1)  # sorted, likeliest first
+    if not bool((top.sum(-1) > top_p).all()):  # some row's nucleus reaches past the candidates
+        top, order = probs.sort(dim=-1, descending=True)
+    top[(top.cumsum(-1) - top) > top_p] = 0  # the top token always stays
+    return order.gather(-1, torch.multinomial(top, 1)).squeeze(-1)
 
 
 def _adapter_of(param_name: str) -> str | None:

@@ -238,6 +238,20 @@ def test_sampling_is_seeded_and_respects_top_p():
     assert torch.equal(_pick(logits, temperature=1.0, top_p=1.0), wide)
 
 
+def test_nucleus_is_the_same_from_the_top_candidates_or_the_whole_vocabulary(monkeypatch):
+    """Peaked rows take their nucleus from the top-k candidates; a flat row, whose nucleus reaches past
+    them, makes the batch sort the whole vocabulary. Either way, the same tokens can be drawn."""
+    from minibt import engine as engine_module
+
+    monkeypatch.setattr(engine_module, "_NUCLEUS_CANDIDATES", 4)
+    peaked = torch.tensor([[3.0, 2.5, 2.0, 1.0, 0.0, -9.0, -9.0, -9.0]])  # 46, 28, 17, 6, 2 % ...
+    flat = torch.zeros(1, 8)  # the 90 % nucleus is 8 tokens
+    torch.manual_seed(0)
+    assert set(engine_module._pick(peaked.repeat(2000, 1), 1.0, 0.9).tolist()) == {0, 1, 2}
+    torch.manual_seed(0)
+    assert set(engine_module._pick(torch.cat([peaked, flat]).repeat(1000, 1), 1.0, 0.9)[1::2].tolist()) == set(range(8))
+
+
 # --- checkpoints inside a training stage: a killed training resumes where it was --------------
 
 RESUMABLE = TrainSection(epochs=1, max_steps=10, batch_size=4, learning_rate=5e-3, warmup_ratio=0.1, save_steps=3)
