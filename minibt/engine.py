@@ -671,17 +671,19 @@ _NUCLEUS_CANDIDATES = 64
 
 def _pick(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
     """Next token per row: argmax at temperature 0, else nucleus sampling (the smallest set of tokens
-    whose probability reaches top_p)."""
+    whose probability reaches top_p).
+
+    torch.multinomial draws one sample as argmax(p / q), q ~ Exp(1) over the row; drawing q the same way
+    over the whole vocabulary makes every sample exactly the one a full sort then multinomial gives."""
     if temperature <= 0:
         return logits.argmax(-1)
     probs = torch.softmax(logits / temperature, dim=-1)
-    if top_p >= 1:
-        return torch.multinomial(probs, 1).squeeze(-1)
+    q = torch.empty_like(probs).exponential_(1)
     top, order = probs.topk(min(_NUCLEUS_CANDIDATES, probs.shape[-1]), dim=-1)  # sorted, likeliest first
     if not bool((top.sum(-1) > top_p).all()):  # some row's nucleus reaches past the candidates
         top, order = probs.sort(dim=-1, descending=True)
     top[(top.cumsum(-1) - top) > top_p] = 0  # the top token always stays
-    return order.gather(-1, torch.multinomial(top, 1)).squeeze(-1)
+    return order.gather(-1, (top / q[:, : top.shape[-1]]).argmax(-1, keepdim=True)).squeeze(-1)
 
 
 def _adapter_of(param_name: str) -> str | None:

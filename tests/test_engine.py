@@ -238,18 +238,26 @@ def test_sampling_is_seeded_and_respects_top_p():
     assert torch.equal(_pick(logits, temperature=1.0, top_p=1.0), wide)
 
 
-def test_nucleus_is_the_same_from_the_top_candidates_or_the_whole_vocabulary(monkeypatch):
-    """Peaked rows take their nucleus from the top-k candidates; a flat row, whose nucleus reaches past
-    them, makes the batch sort the whole vocabulary. Either way, the same tokens can be drawn."""
+def test_nucleus_sampling_draws_exactly_what_a_full_sort_does(monkeypatch):
+    """Peaked rows take their nucleus from the top-k candidates, a flat row (its nucleus reaching past
+    them) makes the batch sort the whole vocabulary: either way, under one seed, the very tokens that
+    sorting the whole vocabulary and calling torch.multinomial draw."""
     from minibt import engine as engine_module
 
-    monkeypatch.setattr(engine_module, "_NUCLEUS_CANDIDATES", 4)
-    peaked = torch.tensor([[3.0, 2.5, 2.0, 1.0, 0.0, -9.0, -9.0, -9.0]])  # 46, 28, 17, 6, 2 % ...
-    flat = torch.zeros(1, 8)  # the 90 % nucleus is 8 tokens
-    torch.manual_seed(0)
-    assert set(engine_module._pick(peaked.repeat(2000, 1), 1.0, 0.9).tolist()) == {0, 1, 2}
-    torch.manual_seed(0)
-    assert set(engine_module._pick(torch.cat([peaked, flat]).repeat(1000, 1), 1.0, 0.9)[1::2].tolist()) == set(range(8))
+    def full_sort(logits, temperature, top_p):
+        probs = torch.softmax(logits / temperature, dim=-1)
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        sorted_probs[(sorted_probs.cumsum(-1) - sorted_probs) > top_p] = 0
+        return order.gather(-1, torch.multinomial(sorted_probs, 1)).squeeze(-1)
+
+    monkeypatch.setattr(engine_module, "_NUCLEUS_CANDIDATES", 8)
+    peaked = torch.randn(300, 40, generator=torch.Generator().manual_seed(0)) * 4
+    for logits in (peaked, torch.cat([peaked, torch.zeros(1, 40)])):
+        for top_p in (0.5, 0.9, 1.0):
+            torch.manual_seed(1)
+            ours = engine_module._pick(logits, 0.7, top_p)
+            torch.manual_seed(1)
+            assert torch.equal(ours, full_sort(logits, 0.7, top_p))
 
 
 # --- checkpoints inside a training stage: a killed training resumes where it was --------------
