@@ -70,9 +70,10 @@ GPU_CONFIGS: dict[str, dict[str, Any]] = {
 
 # A brief reasoning before the score, as the rubric asks ("first provide a brief reasoning"). Each opens
 # with "Verdict:" and then its conclusion, so free generation decides right after a label, as the
-# distribution mode decides right after "Score:". Run seeds 0/1/2, 300 curator steps of 8 rows: 0.84/0.87/0.82
-# agreement this way; 0.80/0.86/0.72 opening with the conclusion ("Wrong question: ..."), whose
-# single-letter first tokens a 2-layer curator learnt less reliably; 0.58-0.86 with "The answer states ...".
+# distribution mode decides right after "Score:". Agreement at run seeds 0/1/2 (300 curator steps of 8
+# rows): 0.84/0.87/0.82 this way; 0.80/0.86/0.72 opening with the conclusion ("Wrong question: ..."),
+# whose single-letter first tokens a 2-layer curator learnt less reliably; 0.58-0.86 opening with
+# "The answer states ...".
 VERDICTS = {
     5: "Verdict: right question. The answer states exactly the fact that was asked for, as a helpful assistant would.",
     2: "Verdict: wrong question. The answer states a fact, but about another name or thing than the one asked for.",
@@ -95,9 +96,9 @@ class Settings:
     fast_repeats: int = 5  # runs of each comparison's fast side (batched generation, distribution scoring)
 
 
-# The curator's 300 steps of 6 rows (~1.5 of the bench's ~2.5 minutes here): run seeds 0/1/2 gave
-# agreement 0.84/0.84/0.83; 300 of 8 rows 0.84/0.87/0.82 in a third more time; 150 of 8 at twice the
-# learning rate, 0.71-0.86, and 400 of 4, 0.75-0.79 (seeds 0 and 2).
+# The curator's 300 steps of 6 rows (~90 s of the bench's ~130 s here): run seeds 0-3 gave agreement
+# 0.84/0.84/0.83/0.86; 300 of 8 rows 0.84/0.87/0.82 (seeds 0-2) in a third more time; 150 of 8 at twice
+# the learning rate, 0.71-0.86, and 400 of 4, 0.75-0.79 (seeds 0 and 2).
 QUICK = Settings(generate_prompts=64, curate_pairs=96, train_steps=20, train_repeats=4, curator_steps=300,
                  curator_batch=6, reasoning_tokens=64)  # fmt: skip
 
