@@ -513,6 +513,7 @@ def run_bench(settings: Settings, recipe_path: str | os.PathLike | None = None, 
     if recipe.toy is None:
         raise ValueError("minibt bench needs a recipe with a `toy` section (its world supplies data and ratings)")
     import_backend(recipe.model.backend)
+    from minibt.stages.augment import write_instructions
     from minibt.stages.backward import MYX, backward_prompt, backward_rows
     from minibt.stages.prepare import toy_base, toy_world
     from minibt.stages.shards import build_prompts
@@ -546,18 +547,14 @@ def run_bench(settings: Settings, recipe_path: str | os.PathLike | None = None, 
 
     # 3. the curator learns the rubric from rated pairs, then both curation modes score the same
     # augmented pairs. Its lessons use texts from the corpus's end; the scored pairs come from its start.
-    def augment(rows: Sequence[dict], seed: int) -> list[dict[str, Any]]:
-        texts, rows = build_prompts(engine, rows, lambda r: backward_prompt(engine, r["text"], aug.max_new_tokens), "t")
-        made = engine.generate(MYX, texts, max_new_tokens=aug.max_new_tokens, temperature=aug.temperature,
-                               top_p=aug.top_p, batch_size=aug.batch_size, seed=seed)
-        return [{**r, "instruction": i, "output": r["text"]} for r, i in zip(rows, made) if i.strip()]
+    def augment(rows: list[dict[str, Any]], seed: int) -> list[dict[str, Any]]:
+        return [p for p in write_instructions(engine, aug, rows, seed) if p["instruction"].strip()]
 
     lessons = world.corpus[len(world.corpus) - settings.augmented_ratings :] if settings.augmented_ratings else []
     scorable = world.corpus[: len(world.corpus) - len(lessons)]
     pool = [{**r, "instruction": i, "output": r["text"]} for r, i in zip(corpus, instructions) if i.strip()]
     seen, chunk = settings.generate_prompts, 2 * settings.curate_pairs
-    while (len(pool) < settings.curate_pairs or len(stratified(pool, settings.curate_pairs)) < settings.curate_pairs) \
-            and seen < len(scorable):
+    while len(stratified(pool, settings.curate_pairs)) < settings.curate_pairs and seen < len(scorable):
         pool += augment(scorable[seen : seen + chunk], recipe.run.seed + 1 + seen)
         seen += chunk
     pairs, natural = stratified(pool, settings.curate_pairs), pool[: settings.curate_pairs]

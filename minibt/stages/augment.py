@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from minibt.engine import Engine
-from minibt.recipe import Recipe
+from minibt.recipe import AugmentSection, Recipe
 from minibt.rundir import RunDir
 from minibt.stages.backward import MYX, backward_prompt
 from minibt.stages.shards import build_prompts, map_shards
@@ -21,20 +21,26 @@ def augment(run: RunDir, engine: Engine, recipe: Recipe, corpus: list[dict[str, 
     cfg = recipe.augment
 
     def shard(rows: list[dict[str, Any]], k: int, bar: Any) -> list[dict[str, Any]]:
-        texts, rows = build_prompts(engine, rows, lambda r: backward_prompt(engine, r["text"], cfg.max_new_tokens), TRUNCATED)
-        instructions = engine.generate(
-            MYX,
-            texts,
-            max_new_tokens=cfg.max_new_tokens,
-            temperature=cfg.temperature,
-            top_p=cfg.top_p,
-            batch_size=cfg.batch_size,
-            seed=recipe.run.seed * 1_000_003 + k,
-            progress=bar,
-        )
-        return [{**_without_text(r), "instruction": i, "output": r["text"]} for r, i in zip(rows, instructions)]
+        return write_instructions(engine, cfg, rows, seed=recipe.run.seed * 1_000_003 + k, progress=bar)
 
     return map_shards(run, "augmented", corpus, cfg.shard_size, shard, desc="augment (myx)")
+
+
+def write_instructions(engine: Engine, cfg: AugmentSection, rows: list[dict[str, Any]], seed: int,
+                       progress: Any = None) -> list[dict[str, Any]]:
+    """Each row with the instruction myx writes for its text, the text becoming the pair's `output`."""
+    texts, rows = build_prompts(engine, rows, lambda r: backward_prompt(engine, r["text"], cfg.max_new_tokens), TRUNCATED)
+    instructions = engine.generate(
+        MYX,
+        texts,
+        max_new_tokens=cfg.max_new_tokens,
+        temperature=cfg.temperature,
+        top_p=cfg.top_p,
+        batch_size=cfg.batch_size,
+        seed=seed,
+        progress=progress,
+    )
+    return [{**_without_text(r), "instruction": i, "output": r["text"]} for r, i in zip(rows, instructions)]
 
 
 def _without_text(row: dict[str, Any]) -> dict[str, Any]:
