@@ -7,8 +7,10 @@ JSON arrays, Parquet files and hub datasets.
 
 from __future__ import annotations
 
+import gzip
 import json
 import logging
+import zlib
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator, Optional
 
@@ -58,16 +60,23 @@ def open_binary(path: Path) -> BinaryIO:
 
 
 def jsonl_rows(path: Path) -> Iterator[tuple[str, Optional[Any], Optional[str]]]:
-    """Yield (where, parsed value, None) per non-blank line, or (where, None, why) for a broken one."""
+    """Yield (where, parsed value, None) per non-blank line, or (where, None, why) for a broken one.
+    A name ending in .gz is read through gzip (the Open Assistant export ships as .jsonl.gz)."""
     # bytes, so one line of bad UTF-8 is one bad row rather than an unreadable file
-    with open_binary(path) as f:
-        for n, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
-            try:
-                yield f"line {n}", json.loads(raw), None
-            except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
-                yield f"line {n}", None, f"not JSON ({str(e).split(':')[0]})"
+    with open_binary(path) as raw_file:
+        f = gzip.GzipFile(fileobj=raw_file) if Path(path).name.lower().endswith(".gz") else raw_file
+        try:
+            for n, raw in enumerate(f, 1):
+                if not raw.strip():
+                    continue
+                try:
+                    yield f"line {n}", json.loads(raw), None
+                except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
+                    yield f"line {n}", None, f"not JSON ({str(e).split(':')[0]})"
+        except (OSError, EOFError, zlib.error) as e:  # not gzip, truncated, corrupt: the whole file is suspect
+            if f is raw_file:
+                raise
+            raise DataError(f"{path}: broken gzip file: {e}") from None
 
 
 def load_hub(dataset: str, name: Optional[str], split: str, streaming: bool) -> Any:

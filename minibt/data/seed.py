@@ -2,6 +2,9 @@
 
 Formats: `pairs` (two columns, common names recognised), `oasst` (OpenAssistant message trees:
 the paper's seed is the English first turns with the rank-0 reply), `messages` (chat rows).
+Open Assistant comes in two layouts: flat message rows (the HF `OpenAssistant/oasst1` schema) and the
+official export, one tree per line (`*.trees.jsonl[.gz]`); trees are flattened into the flat rows,
+so one selection rule serves both.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ Record = tuple[str, Optional[Any], Optional[str]]  # (where, row, why it is brok
 # auto mode: the first (instruction, output) column pair present in the data wins
 PAIR_COLUMNS = [("instruction", "output"), ("prompt", "response"), ("prompt", "completion"), ("question", "answer")]
 OASST_COLUMNS = {"message_id", "parent_id", "role", "text"}
+OASST_TREE_COLUMNS = {"message_tree_id", "prompt"}  # the export's tree: the root message under `prompt`
+OASST_TREE_FIELDS = ("message_tree_id", "tree_state")  # kept on the tree in the export, on each row when flat
 USER_ROLES = {"user", "human", "prompter"}  # prompter: oasst; human: ShareGPT
 ASSISTANT_ROLES = {"assistant", "gpt", "bot", "model", "chatgpt"}
 
@@ -31,6 +36,8 @@ def load_seed(section: SeedSection) -> tuple[list[dict[str, str]], dict[str, int
     """Rows {"instruction", "output"} in source order, and counts of what was read and dropped."""
     source, columns, records = _read(section)
     fmt = _detect(section, columns, source)
+    if fmt == "oasst" and _is_tree_export(columns):
+        records = _flatten_trees(records)  # "read" then counts messages, as for the flat layout
     bad = BadRows(source, "seed")
     counts = {"read": len(records), "bad_rows": 0, "kept": 0}
     if fmt == "oasst":
@@ -57,14 +64,14 @@ def _read(section: SeedSection) -> tuple[str, set[str], list[Record]]:
         return f"{section.dataset}[{section.split}]", set(ds.column_names), records
     path = Path(section.path or "")
     suffix = path.suffix.lower()
-    if suffix == ".jsonl":
+    if suffix == ".jsonl" or path.name.lower().endswith(".jsonl.gz"):
         records = list(jsonl_rows(path))
     elif suffix == ".json":
         records = _json_records(path)
     elif suffix == ".parquet":
         records = _parquet_records(path)
     else:
-        raise DataError(f"{path}: unsupported seed file type {suffix or '(none)'} (use .jsonl, .json, .parquet)")
+        raise DataError(f"{path}: unsupported seed file type {suffix or '(none)'} (use .jsonl, .jsonl.gz, .json, .parquet)")
     if not records:
         raise DataError(f"{path}: no rows")
     columns = set().union(*(r.keys() for _, r, _ in records if isinstance(r, dict)))
@@ -104,7 +111,7 @@ def _detect(section: SeedSection, columns: set[str], source: str) -> str:
         return section.format
     if section.columns:
         return "pairs"
-    if OASST_COLUMNS <= columns:
+    if OASST_COLUMNS <= columns or _is_tree_export(columns):
         return "oasst"
     if columns & {"messages", "conversations"}:
         return "messages"
@@ -178,6 +185,48 @@ def _messages_pair(row: dict) -> dict[str, str]:
         elif instruction is not None and role in ASSISTANT_ROLES:
             return {"instruction": instruction, "output": _text(turn, text_key)}
     raise _BadRow("no user turn followed by an assistant reply")
+
+
+def _is_tree_export(columns: set[str]) -> bool:
+    return OASST_TREE_COLUMNS <= columns and not OASST_COLUMNS <= columns
+
+
+def _flatten_trees(records: Iterable[Record]) -> list[Record]:
+    """Each tree's messages as flat rows, depth first (as oasst_data's tree_to_messages writes them).
+    A tree whose structure is broken becomes one bad record; a broken message inside a sound tree is
+    left for the flat reader to judge, named by its place ("line 3 prompt.replies[1]")."""
+    flat: list[Record] = []
+    for where, tree, why in records:
+        try:
+            flat += _tree_rows(where, _object(tree, why))
+        except _BadRow as e:
+            flat.append((where, None, str(e)))
+    return flat
+
+
+def _tree_rows(where: str, tree: dict) -> list[Record]:
+    root = tree.get("prompt")
+    if not isinstance(root, dict):
+        raise _BadRow(f"malformed tree: 'prompt' is {type(root).__name__}, not a message object")
+    shared = {k: tree.get(k) for k in OASST_TREE_FIELDS}
+    rows: list[Record] = []
+    stack: list[tuple[dict, Optional[str], str]] = [(root, None, "prompt")]  # no recursion: trees can be deep
+    while stack:
+        node, parent_id, place = stack.pop()
+        replies = node.get("replies") or []
+        if not isinstance(replies, list):
+            raise _BadRow(f"malformed tree: {place}.replies is {type(replies).__name__}, not a list")
+        # parent_id from the nesting (the export may omit it); never None below the root, so a reply
+        # whose parent lacks an id cannot pass for a root
+        message = {k: v for k, v in node.items() if k != "replies"}
+        rows.append((f"{where} {place}", {**message, **shared, "parent_id": parent_id}, None))
+        own_id = node.get("message_id")
+        child_parent = own_id if isinstance(own_id, str) and own_id else f"{where} {place}"
+        for i in reversed(range(len(replies))):
+            if not isinstance(replies[i], dict):
+                raise _BadRow(f"malformed tree: {place}.replies[{i}] is {type(replies[i]).__name__}, not an object")
+            stack.append((replies[i], child_parent, f"{place}.replies[{i}]"))
+    return rows
 
 
 def _oasst_pairs(records: Iterable[Record], bad: BadRows, counts: dict[str, int]) -> list[dict[str, str]]:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import gzip
+import importlib.util
 import json
 import logging
+import re
 from pathlib import Path
 
 import pytest
@@ -51,6 +54,143 @@ def test_oasst_from_hub_layout(hub_dir):
 def test_oasst_limit():
     rows, counts = load_seed(seed("oasst_tiny.jsonl", limit=2))
     assert rows == OASST_PAIRS[:2] and counts["kept"] == 2
+
+
+# --- oasst tree export (one message tree per line, nested replies) ---------------------------
+
+
+def _make_fixtures():
+    """tests/fixtures/make_fixtures.py as a module: its flat -> tree nesting is the tests' oracle."""
+    spec = importlib.util.spec_from_file_location("make_fixtures", FIXTURES / "make_fixtures.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _tree_messages(node: dict, parent=None):
+    """(message_id, parent, role, text, lang, rank, deleted, review_result) of a tree, walked here on
+    its own so the twin check does not lean on the reader under test."""
+    yield (node["message_id"], parent, *(node[k] for k in ("role", "text", "lang", "rank", "deleted", "review_result")))
+    for reply in node.get("replies") or []:
+        yield from _tree_messages(reply, node["message_id"])
+
+
+def test_oasst_tree_fixture_is_the_flat_fixture_nested():
+    flat = read_jsonl(FIXTURES / "oasst_tiny.jsonl")
+    trees = read_jsonl(FIXTURES / "oasst_tiny.trees.jsonl")
+    keys = ("message_id", "parent_id", "role", "text", "lang", "rank", "deleted", "review_result")
+    assert sorted(m for t in trees for m in _tree_messages(t["prompt"])) == sorted(tuple(r[k] for k in keys) for r in flat)
+    assert all(set(t) == {"message_tree_id", "tree_state", "prompt", "origin"} and "message_tree_id" not in t["prompt"] for t in trees)
+    with gzip.open(FIXTURES / "oasst_tiny.trees.jsonl.gz", "rt", encoding="utf-8") as f:
+        assert f.read() == (FIXTURES / "oasst_tiny.trees.jsonl").read_text(encoding="utf-8")
+
+
+@pytest.mark.parametrize("fmt", ["auto", "oasst"])
+@pytest.mark.parametrize("name", ["oasst_tiny.trees.jsonl", "oasst_tiny.trees.jsonl.gz"])
+def test_oasst_tree_export_gives_the_flat_twins_pairs(name, fmt):
+    rows, counts = load_seed(seed(name, format=fmt))
+    assert (rows, counts) == load_seed(seed("oasst_tiny.jsonl"))
+    assert rows == OASST_PAIRS and counts == OASST_COUNTS
+
+
+def _one_tree(**edits) -> list[dict]:
+    """Flat rows of one tree: an English prompter root, replies a (rank 0) and b (rank 1); `edits`
+    maps a message name (root, a, b) to the fields to change."""
+    base = {"parent_id": None, "lang": "en", "rank": None, "deleted": False, "review_result": True,
+            "message_tree_id": "t", "tree_state": "ready_for_export", "emojis": None, "labels": {"name": [], "value": [], "count": []}}
+    rows = {
+        "root": {**base, "message_id": "root", "role": "prompter", "text": "Name a large cat."},
+        "a": {**base, "message_id": "a", "parent_id": "root", "role": "assistant", "text": "A tiger.", "rank": 0},
+        "b": {**base, "message_id": "b", "parent_id": "root", "role": "assistant", "text": "A lion.", "rank": 1},
+    }
+    for name, fields in edits.items():
+        rows[name].update(fields)
+    return list(rows.values())
+
+
+TIGER, LION = {"instruction": "Name a large cat.", "output": "A tiger."}, {"instruction": "Name a large cat.", "output": "A lion."}
+
+
+@pytest.mark.parametrize("edits, pairs, dropped_by", [
+    ({}, [TIGER], None),
+    ({"root": {"deleted": True}}, [], "skipped_deleted"),
+    ({"root": {"review_result": False}}, [], "skipped_deleted"),
+    ({"a": {"deleted": True}}, [], "no_rank0_reply"),  # the rank-1 reply is not promoted
+    ({"a": {"review_result": False}}, [], "no_rank0_reply"),
+    ({"root": {"lang": "de"}}, [], "filtered_lang"),
+    ({"a": {"lang": "de"}}, [], "no_rank0_reply"),
+    ({"a": {"rank": 1}, "b": {"rank": 0}}, [LION], None),
+    ({"a": {"rank": None}}, [], "no_rank0_reply"),
+    ({"a": {"rank": 2}}, [], "no_rank0_reply"),
+])
+def test_oasst_tree_skip_rules_match_the_flat_reader(tmp_path, edits, pairs, dropped_by):
+    flat = _one_tree(**edits)
+    flat_path, tree_path = tmp_path / "flat.jsonl", tmp_path / "one.trees.jsonl"
+    flat_path.write_text("".join(json.dumps(r) + "\n" for r in flat))
+    tree_path.write_text("".join(json.dumps(t) + "\n" for t in _make_fixtures().oasst_trees(flat)))
+    section = dict(max_bad_fraction=1.0)
+    if not pairs:  # nothing usable: the loader says so, naming the counter that took the tree
+        for path in (flat_path, tree_path):
+            with pytest.raises(DataError, match=rf"{path.name}: no usable oasst rows \(.*{dropped_by} 1"):
+                load_seed(SeedSection(path=str(path), **section))
+        return
+    tree_rows, tree_counts = load_seed(SeedSection(path=str(tree_path), **section))
+    assert (tree_rows, tree_counts) == load_seed(SeedSection(path=str(flat_path), **section))
+    assert tree_rows == pairs and tree_counts["read"] == 3
+
+
+def test_oasst_tree_malformed_lines_counted_and_named(tmp_path, caplog):
+    good = (FIXTURES / "oasst_tiny.trees.jsonl").read_text().splitlines()
+    reply = {"message_id": "r7a", "role": "assistant", "text": None, "lang": "en", "rank": 0}
+    broken = {"message_tree_id": "r7", "prompt": {"message_id": "r7", "role": "prompter", "text": "Name a colour.",
+                                                  "lang": "en", "replies": [reply]}}  # a broken message in a sound tree
+    lines = good[:2] + [
+        '{"message_tree_id": "x", "prompt": {"message_id": "y"',  # 3: cut short
+        json.dumps({"message_tree_id": "x", "prompt": "What is 2 + 2?"}),  # 4: prompt not a message
+        json.dumps({"message_tree_id": "x", "prompt": {"message_id": "r", "role": "prompter", "text": "Hi", "replies": {"a": 1}}}),  # 5
+        json.dumps({"message_tree_id": "x", "prompt": {"message_id": "r", "role": "prompter", "text": "Hi", "replies": [7]}}),  # 6
+        json.dumps(broken),  # 7
+        json.dumps({"message_tree_id": "x"}),  # 8: no prompt
+    ] + good[2:]
+    path = tmp_path / "bad.trees.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    with caplog.at_level(logging.WARNING, logger="minibt.data"):
+        rows, counts = load_seed(SeedSection(path=str(path), max_bad_fraction=0.5))
+    # line 7's root is read, its only reply is the bad row: the tree gives no pair, the others are intact
+    assert rows == OASST_PAIRS
+    assert counts == {**OASST_COUNTS, "read": OASST_COUNTS["read"] + 5 + 2, "bad_rows": 6,  # 5 broken trees, line 7's 2 messages
+                      "trees": OASST_COUNTS["trees"] + 1, "no_rank0_reply": OASST_COUNTS["no_rank0_reply"] + 1}
+    warning = caplog.records[-1].getMessage()
+    assert warning.startswith(f"{path}: skipped 6 of {counts['read']} rows malformed (line 3: not JSON")
+    assert "line 4: malformed tree: 'prompt' is str, not a message object" in warning
+    assert "line 5: malformed tree: prompt.replies is dict, not a list" in warning
+    assert "line 6: malformed tree: prompt.replies[0] is int, not an object" in warning
+    assert "line 7 prompt.replies[0]: missing 'text'" in warning
+
+
+def test_oasst_tree_all_malformed_is_one_line_error(tmp_path):
+    path = tmp_path / "bad.trees.jsonl.gz"
+    path.write_bytes(gzip.compress(b'{"message_tree_id": "x", "prompt": null}\n{"message_tree_id": "y", "prompt": []}\n'))
+    with pytest.raises(DataError) as e:
+        load_seed(SeedSection(path=str(path)))
+    msg = str(e.value)
+    assert "\n" not in msg
+    assert msg == (f"{path}: 2 of 2 rows malformed (line 1: malformed tree: 'prompt' is NoneType, not a message object; "
+                   "line 2: malformed tree: 'prompt' is list, not a message object), more than seed.max_bad_fraction=0.05")
+
+
+@pytest.mark.parametrize("content, why", [(b"plain text, not gzip\n", "Not a gzipped file"), (None, "ended before")])
+def test_broken_gzip_is_one_line_error(tmp_path, content, why):
+    path = tmp_path / "seed.trees.jsonl.gz"
+    path.write_bytes(content if content is not None else (FIXTURES / "oasst_tiny.trees.jsonl.gz").read_bytes()[:-20])
+    with pytest.raises(DataError, match=rf"^{re.escape(str(path))}: broken gzip file: .*{why}"):
+        load_seed(SeedSection(path=str(path)))
+
+
+def test_gzipped_flat_rows(tmp_path):
+    path = tmp_path / "oasst.jsonl.gz"
+    path.write_bytes(gzip.compress((FIXTURES / "oasst_tiny.jsonl").read_bytes()))
+    assert load_seed(SeedSection(path=str(path))) == (OASST_PAIRS, OASST_COUNTS)
 
 
 # --- pairs -----------------------------------------------------------------------------------
