@@ -108,11 +108,12 @@ def summary(rd) -> str:
 @main.command()
 @click.argument("run_dir", type=click.Path(path_type=Path))
 @click.option("--adapter", default="m1", show_default=True, help="Adapter of the run, or 'base'.")
-@click.option("--max-new-tokens", default=256, show_default=True)
-@click.option("--temperature", default=0.7, show_default=True)
-@click.option("--top-p", default=0.9, show_default=True)
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=None, help="Answer length in tokens [default: from the run: 1.5x its longest seed answer, at most half of model.max_length; never more than the context leaves after the prompt].")
+@click.option("--temperature", default=0.0, show_default=True,
+              help="0: greedy, as the run's evaluation answers; e.g. 0.7 to sample.")
+@click.option("--top-p", default=1.0, show_default=True)
 @_friendly
-def chat(run_dir: Path, adapter: str, max_new_tokens: int, temperature: float, top_p: float) -> None:
+def chat(run_dir: Path, adapter: str, max_new_tokens: int | None, temperature: float, top_p: float) -> None:
     """Talk to an adapter of a run. /adapter NAME switches, /reset forgets, /exit leaves."""
     from minibt.session import open_run
 
@@ -149,12 +150,15 @@ def chat(run_dir: Path, adapter: str, max_new_tokens: int, temperature: float, t
 @click.option("-i", "--input", "input_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="JSONL: rows with 'instruction' (forward adapters, base) or 'text' (myx).")
 @click.option("-o", "--output", "output_path", required=True, type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--max-new-tokens", default=256, show_default=True)
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=None,
+              help="Tokens to generate [default: from the run: myx, the recipe's augment.max_new_tokens; other "
+                   "adapters, 1.5x the longest seed answer, at most half of model.max_length; never more than the "
+                   "context leaves after the prompt].")
 @click.option("--temperature", default=0.0, show_default=True)
 @click.option("--top-p", default=1.0, show_default=True)
 @click.option("--batch-size", default=16, show_default=True)
 @_friendly
-def generate(run_dir: Path, adapter: str, input_path: Path, output_path: Path, max_new_tokens: int,
+def generate(run_dir: Path, adapter: str, input_path: Path, output_path: Path, max_new_tokens: int | None,
              temperature: float, top_p: float, batch_size: int) -> None:
     """Batch generation with one adapter: each input row gets a 'generated' field."""
     from minibt import io
@@ -211,7 +215,9 @@ def report(run_dir: Path) -> None:
 @click.option("--judge-model", help="Judge: any causal LM (local folder or cached hub id), loaded on its own.")
 @click.option("--judge-quantization", type=click.Choice(["none", "nf4"]), default="none", show_default=True)
 @click.option("--limit", type=click.IntRange(min=1), help="Use the first N instructions.")
-@click.option("--max-new-tokens", default=256, show_default=True, help="Answer length for the pairwise comparison.")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=None,
+              help="Answer length for the pairwise comparison [default: from the run: 1.5x its longest seed answer, "
+                   "at most half of model.max_length].")
 @click.option("--batch-size", default=8, show_default=True)
 @click.option("--ifeval", "ifeval_adapters", multiple=True, metavar="ADAPTER",
               help="Run IFEval (lm-evaluation-harness, pip install 'minibt[eval]') on this adapter; repeatable.")
@@ -222,7 +228,7 @@ def report(run_dir: Path) -> None:
 @click.option("--toy", is_flag=True, help="Recompute the toy world's ground-truth metrics.")
 @_friendly
 def eval_(run_dir: Path, compare: tuple[str, str], no_pairwise: bool, instructions: Path | None, judge: str | None,
-          judge_model: str | None, judge_quantization: str, limit: int | None, max_new_tokens: int, batch_size: int,
+          judge_model: str | None, judge_quantization: str, limit: int | None, max_new_tokens: int | None, batch_size: int,
           ifeval_adapters: tuple[str, ...], ifeval_data: Path | None, ifeval_limit: int | None, ifeval_max_tokens: int,
           toy: bool) -> None:
     """Evaluate a run: pairwise win rate (both answer orders), IFEval, toy metrics -> metrics.json, report.md."""

@@ -82,7 +82,7 @@ class Engine:
         self.dtype = compute_dtype(model_cfg.dtype)
         self.base_loads = 1
         self.truncated = 0  # texts and prompts cut to fit the context, over the engine's life
-        self.prefix_cache = True  # next_token_probs: compute a prefix shared by every prompt once
+        self.prefix_cache = True  # generate, next_token_probs: compute a prefix shared by every prompt once
 
     # --- loading -------------------------------------------------------------------------
 
@@ -396,6 +396,24 @@ class Engine:
             out.append(ids)
         return out
 
+    def _fit(self, prompts: Sequence[str], max_new_tokens: int) -> tuple[list[list[int]], list[int]]:
+        """Token ids and a generation budget per prompt (`generation_budget`); clipped prompts are
+        counted in `self.truncated` and reported in one warning line."""
+        encoded, budgets, clipped = [], [], 0
+        for ids in self.tokenizer(list(prompts))["input_ids"]:
+            keep, new = generation_budget(len(ids), max_new_tokens, self.model_cfg.max_length)
+            if keep < len(ids):
+                clipped += 1
+                ids = ids[-keep:]  # the end holds the question and the assistant's turn
+            encoded.append(ids)
+            budgets.append(new)
+        if clipped:
+            self.truncated += clipped
+            log.warning("%d of %d prompts were longer than model.max_length=%d leaves room for: kept the last "
+                        "tokens of each, %d new tokens at most", clipped, len(encoded), self.model_cfg.max_length,
+                        min(budgets))
+        return encoded, budgets
+
     def _each_batch(self, encoded: list[list[int]], batch_size: int, step: Callable[[int, list[int]], None], progress: Any) -> None:
         """Call step(batch_number, indices) over length-sorted batches (little padding is wasted).
 
@@ -438,23 +456,28 @@ class Engine:
         seed: int | None = None,
         progress: Any = None,
     ) -> list[str]:
-        """Complete rendered prompts with `adapter` ("base" for none): batched, left-padded, stop at EOS."""
-        encoded = self._encode(prompts, room=max_new_tokens)
+        """Complete rendered prompts with `adapter` ("base" for none): batched, left-padded, stop at EOS.
+
+        Each prompt gets min(max_new_tokens, the context left after it) new tokens (`generation_budget`)."""
+        encoded, budgets = self._fit(prompts, max_new_tokens)
         outputs: list[str] = [""] * len(encoded)
         sample = temperature > 0
 
+        prefix: list[tuple[int, Any]] = []  # the prompts' shared head (a system prompt), computed once
+
         def step(b: int, idx: list[int]) -> None:
-            ids, mask = self._left_pad([encoded[i] for i in idx])
+            ids, mask = self._left_pad([encoded[i][prefix[0][0]:] for i in idx])
+            rows_budget = [budgets[i] for i in idx]
             if sample:
                 torch.manual_seed((self.seed if seed is None else seed) * 100_003 + b)
             if self.backend == "transformers":
-                for i, tokens in zip(idx, self._decode(ids, mask, max_new_tokens, temperature, top_p)):
+                for i, tokens in zip(idx, self._decode(ids, mask, rows_budget, temperature, top_p, prefix[0])):
                     outputs[i] = self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
                 return
-            out = self.model.generate(  # unsloth: its own fast generation
+            out = self.model.generate(  # unsloth: its own fast generation; each row cut to its budget below
                 input_ids=ids,
                 attention_mask=mask,
-                max_new_tokens=max_new_tokens,
+                max_new_tokens=max(rows_budget),
                 do_sample=sample,
                 temperature=temperature if sample else None,
                 top_p=top_p if sample else None,
@@ -463,35 +486,41 @@ class Engine:
                 eos_token_id=self.tokenizer.eos_token_id,
             )
             for row, i in enumerate(idx):
-                outputs[i] = self.tokenizer.decode(out[row, ids.shape[1] :], skip_special_tokens=True).strip()
+                new_tokens = out[row, ids.shape[1] : ids.shape[1] + budgets[i]]
+                outputs[i] = self.tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
 
         with self.use(adapter):
+            prefix.append(self._shared_head(encoded))
             self._each_batch(encoded, batch_size, step, progress)
         return outputs
 
-    def _decode(self, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, temperature: float,
-                top_p: float) -> list[list[int]]:
-        """Sample (or greedily pick) up to max_new_tokens per row with a KV cache, dropping rows from the
-        batch as they reach EOS. `generate` keeps computing finished rows until the longest is done,
+    def _decode(self, ids: torch.Tensor, mask: torch.Tensor, budgets: Sequence[int], temperature: float,
+                top_p: float, head: tuple[int, Any] = (0, None)) -> list[list[int]]:
+        """Sample (or greedily pick) up to budgets[row] tokens per row with a KV cache, dropping rows from
+        the batch as they reach EOS or their budget. `generate` keeps computing finished rows until the longest is done,
         which wastes most of a batch when lengths vary (2x throughput measured on the toy world);
         greedy outputs equal `generate`'s (tests/test_engine.py)."""
         from transformers import DynamicCache
 
         eos = self.tokenizer.eos_token_id
-        cache = DynamicCache()
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        shared, head_cache = head  # `ids` are the rows after a shared head of `shared` tokens (`_shared_head`)
+        cache = _repeat_cache(head_cache, ids.shape[0]) if shared else DynamicCache()
+        positions = (mask.cumsum(-1) - 1).clamp(min=0) + shared
+        if shared:  # pads sit between the head and each row's rest: masked out, positions still exact
+            mask = torch.cat([mask.new_ones(ids.shape[0], shared), mask], dim=1)
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
                          use_cache=True, **self._last_logits_only())
         position = positions[:, -1:]
         alive = torch.arange(ids.shape[0], device=ids.device)  # batch row -> input row
+        limit = torch.tensor(list(budgets), device=ids.device)
         tokens: list[list[int]] = [[] for _ in range(ids.shape[0])]
-        for t in range(max_new_tokens):
+        for t in range(max(budgets)):
             next_ids = _pick(out.logits[:, -1, :].float(), temperature, top_p)
             for row, tok in zip(alive.tolist(), next_ids.tolist()):
                 if tok != eos:
                     tokens[row].append(tok)
-            running = (next_ids != eos).nonzero().squeeze(-1)
-            if t == max_new_tokens - 1 or len(running) == 0:
+            running = ((next_ids != eos) & (limit[alive] > t + 1)).nonzero().squeeze(-1)
+            if len(running) == 0:
                 break
             if len(running) < len(alive):  # compact: finished rows leave the batch and the cache
                 cache.batch_select_indices(running)
@@ -509,10 +538,11 @@ class Engine:
 
         from transformers import TextIteratorStreamer
 
-        ids, mask = self._left_pad(self._encode([prompt], room=max_new_tokens))
+        encoded, budgets = self._fit([prompt], max_new_tokens)
+        ids, mask = self._left_pad(encoded)
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         sample = temperature > 0
-        kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=sample,
+        kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=budgets[0], do_sample=sample,
                       temperature=temperature if sample else None, top_p=top_p if sample else None, top_k=None,
                       pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id, streamer=streamer)
         pieces = []
@@ -555,19 +585,15 @@ class Engine:
         encoded = [e[:-1] for e in self._encode([f"{p}{prefix} {choices[0]}" for p in prompts], room=0)]
         probs = np.zeros((len(encoded), len(ids)), dtype=np.float64)
         choice_index = torch.tensor(ids, device=self.device)
-        # The rubric is the same text before every pair: its keys and values are computed once
-        # (prefix cache) and each batch runs only the tokens after it. transformers backend only
-        # (unsloth's fast forward manages caches its own way); `prefix_cache = False` switches it off.
-        shared = _common_prefix(encoded) if self.prefix_cache and self.backend == "transformers" else 0
-        shared = shared if shared >= _MIN_SHARED_PREFIX else 0
-        cache: list[Any] = []
+        head: list[tuple[int, Any]] = []  # the rubric, the same text before every pair (`_shared_head`)
 
         def step(_: int, idx: list[int]) -> None:
+            shared, head_cache = head[0]
             input_ids, mask = self._left_pad([encoded[i][shared:] for i in idx])
             position_ids = (mask.cumsum(-1) - 1).clamp(min=0) + shared
             extra: dict[str, Any] = {}
             if shared:  # pads sit between the prefix and each suffix: masked out, positions still exact
-                extra["past_key_values"] = _repeat_cache(cache[0], len(idx))
+                extra["past_key_values"] = _repeat_cache(head_cache, len(idx))
                 mask = torch.cat([mask.new_ones(len(idx), shared), mask], dim=1)
             # only the last position's logits: the LM head over every prompt position is wasted work
             # (with a 128k vocabulary, [batch, 1024, 128256] fp32 logits alone are 8 GB at batch 16)
@@ -576,9 +602,7 @@ class Engine:
             probs[idx] = torch.softmax(logits.float(), dim=-1)[:, choice_index].cpu().numpy()
 
         with self.use(adapter):
-            if shared:
-                prefix_ids = torch.tensor([encoded[0][:shared]], device=self.device)
-                cache.append(self.model(input_ids=prefix_ids, use_cache=True, **self._last_logits_only()).past_key_values)
+            head.append(self._shared_head(encoded))
             self._each_batch(encoded, batch_size, step, progress)
         mass = probs.sum(axis=1)
         return probs / np.maximum(mass[:, None], 1e-12), mass
@@ -611,6 +635,17 @@ class Engine:
 
     # --- helpers -------------------------------------------------------------------------
 
+    def _shared_head(self, encoded: Sequence[Sequence[int]]) -> tuple[int, Any]:
+        """(n, a batch-1 KV cache of them): the n tokens every prompt starts with (a system prompt, the
+        rubric), computed once so that each batch runs only the tokens after them; (0, None) when fewer
+        than _MIN_SHARED_PREFIX, with `prefix_cache = False`, or on unsloth (its fast forward manages
+        caches its own way). Call it with the adapter active."""
+        shared = _common_prefix(encoded) if self.prefix_cache and self.backend == "transformers" else 0
+        if shared < _MIN_SHARED_PREFIX:
+            return 0, None
+        ids = torch.tensor([list(encoded[0][:shared])], device=self.device)
+        return shared, self.model(input_ids=ids, use_cache=True, **self._last_logits_only()).past_key_values
+
     def _last_logits_only(self) -> dict[str, int]:
         """{"logits_to_keep": 1} when the base model's forward takes it (transformers >= 4.50), else {}."""
         if not hasattr(self, "_logits_kwarg"):
@@ -636,6 +671,20 @@ class Engine:
         if _PLACEHOLDER in self.model.peft_config and len(self.model.peft_config) > 1:
             self.model.delete_adapter(_PLACEHOLDER)
             self._freeze_all()  # peft marks the adapter it activates trainable
+
+
+MIN_NEW_TOKENS = 16  # what a prompt too long for the context still leaves for generation
+
+
+def generation_budget(prompt_tokens: int, max_new_tokens: int, context: int) -> tuple[int, int]:
+    """(prompt tokens kept, new tokens) for one prompt in a context of `context` tokens: the whole
+    prompt and min(max_new_tokens, the room after it); only a prompt that leaves less than
+    MIN_NEW_TOKENS (or max_new_tokens, if smaller) is clipped, from the left, to leave that much.
+    The rule of every engine: a prompt is never cut to make room for generation that does not fit."""
+    floor = max(1, min(max_new_tokens, MIN_NEW_TOKENS, context // 2))
+    if prompt_tokens + floor <= context:
+        return prompt_tokens, min(max_new_tokens, context - prompt_tokens)
+    return context - floor, floor
 
 
 _MIN_SHARED_PREFIX = 16  # tokens: shorter shared prefixes are not worth a cache

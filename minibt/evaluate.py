@@ -153,9 +153,9 @@ def prefer_first(judge: Engine, adapter: str, triples: Sequence[tuple[str, str, 
     return probs[:, 0]
 
 
-def pairwise(engine: Engine, recipe: Any, instructions: Sequence[str], a: str = "m1", b: str = "m0",
+def pairwise(engine: Engine, recipe: Any, instructions: Sequence[str], a: str, b: str, *, max_new_tokens: int,
              judge: Engine | None = None, judge_adapter: str = BASE, judge_name: str | None = None,
-             max_new_tokens: int = 256, batch_size: int = 8) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+             batch_size: int = 8) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Win rate of adapter `a` over adapter `b` on `instructions`; returns (summary, per-instruction rows)."""
     from tqdm.auto import tqdm
 
@@ -325,7 +325,7 @@ def _first_argument(sample: dict[str, Any]) -> str | None:
 
 def run_eval(run_dir: str | Path, compare: tuple[str, str] | None = ("m1", "m0"), instructions: str | Path | None = None,
              judge: str | None = None, judge_model: str | None = None, judge_quantization: str = "none",
-             limit: int | None = None, max_new_tokens: int = 256, batch_size: int = 8,
+             limit: int | None = None, max_new_tokens: int | None = None, batch_size: int = 8,
              ifeval_adapters: Sequence[str] = (), ifeval_data: str | Path | None = None, ifeval_limit: int | None = None,
              ifeval_max_tokens: int = 1280, toy: bool = False) -> dict[str, Any]:
     """Everything `minibt eval` does; returns what it merged into metrics.json."""
@@ -353,7 +353,7 @@ def run_eval(run_dir: str | Path, compare: tuple[str, str] | None = ("m1", "m0")
                 log.info("judge: the run's base model (no adapter); --judge-model PATH brings a stronger judge")
             summary, rows = pairwise(session.engine, session.recipe, questions, a, b, judge=judge_engine,
                                      judge_adapter=BASE if judge_model else judge_adapter, judge_name=judge_name,
-                                     max_new_tokens=max_new_tokens, batch_size=batch_size)
+                                     max_new_tokens=max_new_tokens or session.answer_tokens, batch_size=batch_size)
             summary["instructions"] = str(instructions) if instructions else "data/eval.jsonl"
             io.write_jsonl(run.path / "eval" / f"pairwise_{a}_vs_{b}.jsonl", rows)
             updates["pairwise"] = {f"{a}_vs_{b}": summary}

@@ -5,22 +5,25 @@
     s.generate(["What is the capital of Zorbia?"], adapter="m1")
     s.generate(["..."], adapter="m0")              # switching is set_adapter, not a reload
     s.backtranslate(["Some web text."])            # myx writes the instruction
-    s.score("instruction", "output", adapter="m0") # the rubric's digit distribution
+    s.score("instruction", "output", adapter="m0") # the run's curator score, and whether it is kept
+
+Answer lengths default to what fits the run (`answer_tokens`, `instruction_tokens`), and the engine
+never cuts a prompt to make room for generation that does not fit (engine.generation_budget).
 """
 
 from __future__ import annotations
 
+import functools
+import math
 from pathlib import Path
 from typing import Any, Iterable
 
-import numpy as np
-
-from minibt import prompts
-from minibt.engine import BASE, Engine, import_backend
+from minibt import io
+from minibt.engine import BASE, MIN_NEW_TOKENS, Engine, import_backend
 from minibt.errors import MinibtError
 from minibt.rundir import RunDir
 from minibt.stages.backward import MYX, backward_prompt
-from minibt.stages.curate import RUBRIC_ANSWER_ROOM, rubric_prompt
+from minibt.stages.curate import score_pairs
 from minibt.stages.forward import forward_prompt
 
 
@@ -48,45 +51,77 @@ class Session:
             raise MinibtError(f"adapter {name!r} does not exist in {self.run.path} (have: {have}; 'base' means no adapter)")
         self.engine.load_adapter(name, self.run.adapter(name))
 
+    @functools.cached_property
+    def answer_tokens(self) -> int:
+        """Default answer length: 1.5x the run's longest seed answer (EOS included), within half the context."""
+        seed = self.run.data("seed")
+        outputs = [r["output"] for r in io.read_jsonl(seed)] if seed.is_file() else []
+        half = max(MIN_NEW_TOKENS, self.recipe.model.max_length // 2)
+        if not outputs:
+            return half
+        longest = max(self.engine.count_tokens(o) for o in outputs) + 1
+        return min(half, max(MIN_NEW_TOKENS, math.ceil(1.5 * longest)))
+
+    @property
+    def instruction_tokens(self) -> int:
+        """Default instruction length for myx: the recipe's augmentation budget."""
+        return self.recipe.augment.max_new_tokens
+
     def prompt(self, instruction: str) -> str:
         """The rendered forward prompt, with the seed tag as the paper uses at inference."""
         return forward_prompt(self.engine, self.recipe, instruction)
 
-    def generate(self, instructions: list[str] | str, adapter: str = "m1", max_new_tokens: int = 256,
+    def generate(self, instructions: list[str] | str, adapter: str = "m1", max_new_tokens: int | None = None,
                  temperature: float = 0.0, top_p: float = 1.0, batch_size: int = 8) -> list[str]:
+        """Answers to `instructions` (default length: `answer_tokens`)."""
         self.attach(adapter)
         if isinstance(instructions, str):
             instructions = [instructions]
+        max_new_tokens = max_new_tokens or self.answer_tokens
         return self.engine.generate(adapter, [self.prompt(i) for i in instructions], max_new_tokens=max_new_tokens,
                                     temperature=temperature, top_p=top_p, batch_size=batch_size)
 
-    def stream(self, messages: list[dict[str, str]], adapter: str, max_new_tokens: int = 256, temperature: float = 0.7,
-               top_p: float = 0.9, on_text=print) -> str:
+    def stream(self, messages: list[dict[str, str]], adapter: str, max_new_tokens: int | None = None,
+               temperature: float = 0.0, top_p: float = 1.0, on_text=print) -> str:
         """One chat reply to `messages` (user/assistant turns), streamed to `on_text`."""
         self.attach(adapter)
+        max_new_tokens = max_new_tokens or self.answer_tokens
         cfg = self.recipe.forward
         system = [{"role": "system", "content": cfg.seed_tag}] if cfg.tags else []
         prompt = self.engine.render(system + messages)
         return self.engine.stream(adapter, prompt, max_new_tokens, temperature, top_p, on_text)
 
-    def backtranslate(self, texts: list[str] | str, adapter: str = MYX, max_new_tokens: int = 64,
+    def backtranslate(self, texts: list[str] | str, adapter: str = MYX, max_new_tokens: int | None = None,
                       temperature: float = 0.0, top_p: float = 1.0, batch_size: int = 8) -> list[str]:
-        """The instruction each text answers, written by the backward model."""
+        """The instruction each text answers, written by the backward model (default length: `instruction_tokens`)."""
         self.attach(adapter)
+        max_new_tokens = max_new_tokens or self.instruction_tokens
         if isinstance(texts, str):
             texts = [texts]
         return self.engine.generate(adapter, [backward_prompt(self.engine, t, max_new_tokens) for t in texts],
                                     max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, batch_size=batch_size)
 
-    def score(self, instruction: str, output: str, adapter: str = "m0") -> dict[str, Any]:
-        """The curator's rubric score for one pair: digit probabilities, expected score, argmax."""
+    def score(self, instructions: list[str] | str, outputs: list[str] | str, adapter: str = "m0") -> Any:
+        """The curator's score for each (instruction, output) pair, by the run's own curation method
+        (`curate.method`/`mode`), with the method's details and `kept`: whether the run's threshold for
+        the round this adapter curates (m0 -> round 1) keeps it. One pair gives a dict, lists a list."""
         self.attach(adapter)
-        probs, mass = self.engine.next_token_probs(
-            adapter, [rubric_prompt(self.engine, instruction, output, RUBRIC_ANSWER_ROOM)],
-            prompts.SCORE_PREFIX, prompts.SCORE_CHOICES)
-        p = probs[0]
-        return {"probs": [float(x) for x in p], "expected": float(p @ np.arange(1, 6)), "argmax": int(p.argmax()) + 1,
-                "mass": float(mass[0])}
+        single = isinstance(instructions, str)
+        pairs = [{"instruction": i, "output": o} for i, o in zip([instructions] if single else instructions,
+                                                                  [outputs] if single else outputs)]
+        threshold = self._threshold(adapter)
+        scored = [{k: v for k, v in r.items() if k not in ("instruction", "output")}
+                  for r in score_pairs(self.engine, self.recipe, adapter, pairs)]
+        for r in scored:
+            r["kept"] = r["score"] is not None and r["score"] >= threshold
+        return scored[0] if single else scored
+
+    def _threshold(self, curator: str) -> float:
+        """The threshold of the round `curator` curated (calibrated ones are in the manifest), else the recipe's."""
+        rounds = {"m0": 1, **{f"m{k}": k + 1 for k in range(1, self.recipe.forward.rounds)}}
+        counts = self.run.manifest.get("stages", {}).get(f"curate_r{rounds.get(curator, 1)}", {}).get("counts", {})
+        t = counts.get("threshold")
+        return float(t) if isinstance(t, (int, float)) else self.recipe.curate.threshold
 
 
 def open_run(path: str | Path, adapters: Iterable[str] | None = None) -> Session:

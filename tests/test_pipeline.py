@@ -121,7 +121,8 @@ def test_python_api_switches_adapters_on_one_base(tiny_run, monkeypatch):
     assert len(a) == len(b) == 1
     assert len(s.backtranslate("The king is red.", max_new_tokens=5)) == 1
     score = s.score("What is the color of the king?", "The king is red.", adapter="m0")
-    assert 1 <= score["expected"] <= 5 and abs(sum(score["probs"]) - 1) < 1e-6
+    assert 1 <= score["expected_score"] <= 5 and abs(sum(score["score_probs"]) - 1) < 1e-4
+    assert score["score"] == score["expected_score"] and score["kept"] == (score["score"] >= 1.0)  # the run's threshold
     assert loads == [1]
 
 
