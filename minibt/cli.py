@@ -75,6 +75,11 @@ def run(recipe_path: Path, overrides: tuple[str, ...], out: Path | None, dry_run
         from minibt.memory import estimate, format_estimate  # reads at most the model's config.json
 
         click.echo("\n" + format_estimate(estimate(recipe)))
+        from minibt.context import describe
+
+        fit = describe(recipe)  # prompts plus answers against model.max_length
+        if fit:
+            click.echo("\n" + fit)
         return
     _setup(recipe.run.threads)
     if recipe.model.trust_remote_code:
