@@ -163,3 +163,9 @@ def test_trust_remote_code_is_announced_and_no_credentials_are_written(workdir, 
     for path in (workdir / "out").rglob("*"):
         if path.is_file():
             assert b"hf_secret_value_123" not in path.read_bytes(), path
+
+
+def test_a_key_the_toy_world_ignores_fails_the_dry_run(workdir, no_model_loads):
+    toy = Path(__file__).parent.parent / "recipes" / "toy.yaml"
+    check_one_line(*run(str(toy), "seed.path=seed.jsonl", "--dry-run"),
+                   "seed.path: the toy world makes its own seed; remove the key or the toy section")
