@@ -432,7 +432,10 @@ def compare_training(engine: Any, model_dir: str, rows: Sequence[dict[str, str]]
     warm = dataclasses.replace(cfg, max_steps=3)
     engine.train(f"{keep}_warmup", rows, warm, work / "warm")
     engine.delete_adapter(f"{keep}_warmup")
-    bare_trl_train(model_dir, engine, rows, warm, str(work / "warm_bare"))
+    from minibt.bench_bare import BareSide  # under unsloth, the bare side trains in a process without it
+
+    bare = BareSide(model_dir, engine, rows)
+    bare(warm, str(work / "warm_bare"))  # the worker's own warm-up, when there is one
     for k in range(repeats):
         order = ("minibt", "bare") if k % 2 == 0 else ("bare", "minibt")
         for side in order:
@@ -444,12 +447,14 @@ def compare_training(engine: Any, model_dir: str, rows: Sequence[dict[str, str]]
                 minibt_runs.append(s)
                 losses["minibt"].append(res["train_loss"])
             else:
-                res = bare_trl_train(model_dir, engine, rows, cfg, str(work / f"bare{k}"))
+                res = bare(cfg, str(work / f"bare{k}"))
                 bare_runs.append(res["seconds"])
                 losses["bare"].append(res["train_loss"])
+    bare.close()
     med_m, med_b = float(np.median(minibt_runs)), float(np.median(bare_runs))
     return {
         "rows": len(rows),
+        "bare_side": bare.where,
         "steps": cfg.max_steps,
         "batch_size": cfg.batch_size,
         "seconds": {"minibt": [round(s, 3) for s in minibt_runs], "bare": [round(s, 3) for s in bare_runs]},

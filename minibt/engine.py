@@ -26,6 +26,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import torch
 
+from minibt import stack_guards as guards
 from minibt.errors import MinibtError
 from minibt.prompts import CHAT_TEMPLATE
 from minibt.recipe import LoraSection, ModelSection, TrainSection
@@ -83,6 +84,7 @@ class Engine:
         self.base_loads = 1
         self.truncated = 0  # texts and prompts cut to fit the context, over the engine's life
         self.prefix_cache = True  # generate, next_token_probs: compute a prefix shared by every prompt once
+        self.role = BASE  # the adapter the last `use` block made active (named by the finiteness check)
 
     # --- loading -------------------------------------------------------------------------
 
@@ -132,6 +134,8 @@ class Engine:
         for pname, p in self.model.named_parameters():
             if _adapter_of(pname) == name:
                 p.data = p.data.to(saved)
+        if saved != self.dtype:  # peft loaded them in the base's dtype: fp32 weights were rounded, read them again
+            _load_adapter_weights(self.model, name, path / "adapter_model.safetensors")
         self._drop_placeholder()
 
     def save_adapter(self, name: str, path: str | os.PathLike) -> None:
@@ -161,6 +165,7 @@ class Engine:
     @contextlib.contextmanager
     def use(self, name: str, trainable: bool = False) -> Iterator[None]:
         """Make adapter `name` (or "base": no adapter) the active one for the block."""
+        self.role = name
         if name == BASE:
             if trainable:
                 raise MinibtError("the base model is frozen; train an adapter")
@@ -223,12 +228,13 @@ class Engine:
         except torch.cuda.OutOfMemoryError:
             if cfg.batch_size == 1:
                 raise MinibtError(f"out of memory training {name} at batch size 1: lower model.max_length") from None
-            # the same effective batch in smaller steps, from a fresh adapter
-            smaller = dataclasses.replace(cfg, batch_size=cfg.batch_size // 2, grad_accum=cfg.grad_accum * 2)
-            log.warning("out of memory training %s: retrying with batch_size %d x grad_accum %d", name, smaller.batch_size, smaller.grad_accum)
-            torch.cuda.empty_cache()
-            self.delete_adapter(name)
-            return self.train(name, rows, smaller, work_dir)
+        # retried out of the handler: its traceback held the failed trainer, optimizer and activations
+        # (tests/test_engine_hazards.py checks they are gone before the retry starts)
+        smaller = dataclasses.replace(cfg, batch_size=cfg.batch_size // 2, grad_accum=cfg.grad_accum * 2)
+        log.warning("out of memory training %s: retrying with batch_size %d x grad_accum %d", name, smaller.batch_size, smaller.grad_accum)
+        self.delete_adapter(name)  # the same effective batch in smaller steps, from a fresh adapter
+        guards.free_memory()
+        return self.train(name, rows, smaller, work_dir)
 
     def _train_settings(self, name: str, rows_digest: str, count: int, cfg: TrainSection) -> dict[str, Any]:
         """Everything that decides how training goes: a checkpoint resumes only under the same settings."""
@@ -327,7 +333,7 @@ class Engine:
             packing=self.packing(cfg.packing),
             completion_only_loss=True,
             gradient_checkpointing=cfg.gradient_checkpointing and gpu,
-            bf16=gpu and self.dtype == torch.bfloat16,
+            bf16=self.dtype == torch.bfloat16,  # autocast on a CPU too (the GPU path's mechanism, testable here)
             fp16=gpu and self.dtype == torch.float16,
             use_cpu=not gpu,
             optim="adamw_torch",
@@ -344,6 +350,7 @@ class Engine:
         )
         dataset = Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in rows])
         t0 = time.time()
+        embeddings = guards.embedding_sums(self.model)
         with self.use(name, trainable=True):
             trainer = _resumable(SFTTrainer)(model=self.model, args=args, train_dataset=dataset, processing_class=self.tokenizer)
             trainer.minibt_checkpoints = checkpoints
@@ -356,10 +363,16 @@ class Engine:
             # check again after the trainer touched the weights
             self.check_trainable(name)
             resume = checkpoints.resume if checkpoints is not None else None
-            with _quiet_resume() if resume is not None else contextlib.nullcontext():
-                result = trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
+            try:
+                with _quiet_resume() if resume is not None else contextlib.nullcontext():
+                    result = trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
+            finally:  # scoring and decoding after training run the model as loaded, not under autocast
+                guards.drop_mixed_precision_wrapper(self.model)
             self.check_trainable(name)  # a resumed adapter was loaded into the same parameters
         self._mode(training=False)
+        if not all(torch.equal(a, b) for a, b in zip(embeddings, guards.embedding_sums(self.model))):
+            raise RuntimeError(f"the base's embeddings changed while {name} trained (unsloth's fix_untrained_tokens?): "
+                               "every adapter shares them; rerun from a fresh process")
         history = [h for h in trainer.state.log_history if "loss" in h]
         return {
             "train_loss": round(float(result.training_loss), 4),
@@ -426,11 +439,14 @@ class Engine:
             idx = order[start : start + batch_size]
             try:
                 step(number, idx)
+                failed = False
             except torch.cuda.OutOfMemoryError:
                 if batch_size == 1:
                     raise MinibtError("out of memory at batch size 1: lower model.max_length or use a smaller model") from None
+                failed = True
+            if failed:  # out of the handler, whose traceback held the failed batch's activations
                 batch_size //= 2
-                torch.cuda.empty_cache()
+                guards.free_memory()
                 log.warning("out of memory: retrying with batch size %d", batch_size)
                 continue
             start, number = start + len(idx), number + 1
@@ -515,6 +531,7 @@ class Engine:
         limit = torch.tensor(list(budgets), device=ids.device)
         tokens: list[list[int]] = [[] for _ in range(ids.shape[0])]
         for t in range(max(budgets)):
+            guards.check_finite(out.logits[:, -1, :], self.role, "decoding", self.dtype)
             next_ids = _pick(out.logits[:, -1, :].float(), temperature, top_p)
             for row, tok in zip(alive.tolist(), next_ids.tolist()):
                 if tok != eos:
@@ -596,9 +613,11 @@ class Engine:
                 extra["past_key_values"] = _repeat_cache(head_cache, len(idx))
                 mask = torch.cat([mask.new_ones(len(idx), shared), mask], dim=1)
             # only the last position's logits: the LM head over every prompt position is wasted work
-            # (with a 128k vocabulary, [batch, 1024, 128256] fp32 logits alone are 8 GB at batch 16)
-            logits = self.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
+            # (with a 128k vocabulary, [batch, 1024, 128256] fp32 logits alone are 8 GB at batch 16);
+            # use_cache=False: no cache of these rows is reused (a head cache given is still read)
+            logits = self.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=False,
                                 **extra, **self._last_logits_only()).logits[:, -1, :]
+            guards.check_finite(logits, adapter, "scoring", self.dtype)
             probs[idx] = torch.softmax(logits.float(), dim=-1)[:, choice_index].cpu().numpy()
 
         with self.use(adapter):
@@ -623,7 +642,9 @@ class Engine:
         def step(_: int, idx: list[int]) -> None:
             input_ids, mask = self._left_pad([seqs[i] for i in idx])
             position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-            logits = self.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids).logits
+            # use_cache=False: nothing reuses a cache here (the config's default would build one)
+            logits = self.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=False).logits
+            guards.check_finite(logits, adapter, "completion log-likelihoods", self.dtype)
             logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
             token_logp = logp.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
             for row, i in enumerate(idx):
@@ -1040,18 +1061,24 @@ def _require_safetensors(name: str) -> None:
 
 def _load_transformers(cfg: ModelSection, lora: LoraSection, seed: int) -> tuple[Any, Any]:
     from peft import get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     dtype = compute_dtype(cfg.dtype)
     _require_safetensors(cfg.name)
     common = dict(revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
     tokenizer = AutoTokenizer.from_pretrained(cfg.name, **common)
     kwargs: dict[str, Any] = dict(dtype=dtype, use_safetensors=True, device_map={"": "cuda:0" if has_gpu() else "cpu"})
-    if cfg.quantization == "nf4":
+    baked = guards.prequantized(AutoConfig.from_pretrained(cfg.name, **common))
+    if baked is not None:  # its own config is used whatever is passed; checked here, its compute dtype set below
+        guards.check_prequantized(cfg.name, baked, cfg.quantization)
+    elif cfg.quantization == "nf4":
         kwargs["quantization_config"] = _bnb_config(dtype)
     model = AutoModelForCausalLM.from_pretrained(cfg.name, **kwargs, **common)
-    if cfg.quantization == "nf4" and not has_gpu():
-        guard_bnb_cpu(model)
+    if cfg.quantization == "nf4":
+        guards.force_compute_dtype(model, dtype)
+        if not has_gpu():
+            guard_bnb_cpu(model)
+    guards.use_safe_sdpa(model)
     model.config.use_cache = True
     return get_peft_model(model, _lora_config(lora)), tokenizer
 
@@ -1078,6 +1105,7 @@ def _load_unsloth(cfg: ModelSection, lora: LoraSection, seed: int) -> tuple[Any,
         raise MinibtError(f"model.backend: unsloth loaded {cfg.name} without 4-bit layers; use model.backend=transformers")
     if not has_gpu():
         guard_bnb_cpu(model)  # unsloth's CPU fallback does this too; harmless to repeat
+    guards.force_compute_dtype(model, dtype)  # a pre-quantized repo's own compute dtype would win (stack_guards)
     # unsloth cannot name this adapter; it becomes the placeholder that role adapters replace
     model = FastLanguageModel.get_peft_model(
         model,

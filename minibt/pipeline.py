@@ -20,6 +20,7 @@ from minibt import io
 from minibt.engine import Engine, clear_checkpoints, import_backend
 from minibt.recipe import Recipe
 from minibt.rundir import RunDir
+from minibt.stack_guards import require_device
 from minibt.stages.augment import TRUNCATED, augment
 from minibt.stages.backward import MYX, train_myx
 from minibt.stages.curate import curate
@@ -37,6 +38,7 @@ def plan(recipe: Recipe) -> list[str]:
 
 
 def run(recipe: Recipe, out: str | Path, fresh: bool = False) -> RunDir:
+    require_device(recipe.model.device, toy=recipe.toy is not None)  # before any download or load
     import_backend(recipe.model.backend)
     rd = RunDir.create(out, recipe, fresh=fresh)
     if not rd.done("prepare"):

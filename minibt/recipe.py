@@ -49,6 +49,9 @@ class ModelSection:
     chat_template: Literal["auto", "minibt"] = "auto"  # auto: the tokenizer's own, else minibt's
     trust_remote_code: bool = False
     revision: Optional[str] = None  # a hub commit, branch or tag: a local folder has none
+    # auto: the CUDA GPU; with none visible a real recipe stops (the toy world runs on the CPU).
+    # cpu: run on the CPU anyway, knowingly (stack_guards.require_device)
+    device: Literal["auto", "cpu"] = "auto"
 
     def check(self, key: str) -> None:
         _positive(f"{key}.max_length", self.max_length)

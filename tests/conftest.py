@@ -82,7 +82,7 @@ def _finished_recipe(model_dir: str) -> str:
     train = "{max_steps: 2, batch_size: 4, learning_rate: 1.0e-3}"
     return f"""
 run: {{name: tiny, seed: 0}}
-model: {{name: {model_dir}, backend: transformers, quantization: nf4, max_length: 1024}}
+model: {{name: {model_dir}, backend: transformers, quantization: nf4, max_length: 1024, device: cpu}}
 lora: {{r: 4, alpha: 8}}
 seed: {{path: seed.jsonl}}
 corpus: {{path: corpus.jsonl, min_chars: 10}}

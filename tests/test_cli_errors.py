@@ -21,7 +21,7 @@ FIXTURES = Path(__file__).parent / "fixtures"
 
 def recipe(model: str, seed: str = "seed.jsonl", corpus: str = "corpus.jsonl", extra: str = "") -> str:
     return f"""
-model: {{name: {model}, quantization: none, max_length: 256}}
+model: {{name: {model}, quantization: none, max_length: 256, device: cpu}}
 seed: {{path: {seed}}}
 corpus: {{path: {corpus}}}
 backward: {{max_steps: 1, batch_size: 2}}
@@ -156,7 +156,7 @@ def test_a_base_without_chat_template_gets_minibts(workdir):
 
 def test_trust_remote_code_is_announced_and_no_credentials_are_written(workdir, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", "hf_secret_value_123")
-    (workdir / "r.yaml").write_text(recipe("./model", extra="model: {name: ./model, quantization: none, max_length: 256, trust_remote_code: true}"))
+    (workdir / "r.yaml").write_text(recipe("./model", extra="model: {name: ./model, quantization: none, max_length: 256, trust_remote_code: true, device: cpu}"))
     result, _ = run("r.yaml", "--out", "out")
     assert result.exit_code == 0, result.output
     assert "trust_remote_code is true" in result.output

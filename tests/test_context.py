@@ -15,7 +15,7 @@ def recipe_file(tmp_path, model_dir: str, max_length: int, curate: str = "{}") -
     io.write_jsonl(tmp_path / "corpus.jsonl", [{"text": "The king is red."}])
     path = tmp_path / "r.yaml"
     path.write_text(f"""
-model: {{name: {model_dir}, backend: transformers, max_length: {max_length}}}
+model: {{name: {model_dir}, backend: transformers, max_length: {max_length}, device: cpu}}
 seed: {{path: seed.jsonl}}
 corpus: {{path: corpus.jsonl, min_chars: 200}}
 curate: {curate}

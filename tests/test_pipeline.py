@@ -23,7 +23,7 @@ def recipe_text(model_dir: str) -> str:
     train = "{max_steps: 4, batch_size: 4, learning_rate: 1.0e-3}"
     return f"""
 run: {{name: tiny, seed: 0}}
-model: {{name: {model_dir}, backend: transformers, quantization: nf4, max_length: 2048}}
+model: {{name: {model_dir}, backend: transformers, quantization: nf4, max_length: 2048, device: cpu}}
 lora: {{r: 4, alpha: 8}}
 seed: {{path: seed.jsonl}}
 corpus: {{path: corpus.jsonl, dedup: false}}

@@ -31,7 +31,7 @@ CORPUS = [
 def recipe_text(model_dir: str) -> str:
     return f"""
 run: {{name: resume, seed: 3}}
-model: {{name: {model_dir}, backend: transformers, quantization: nf4, max_length: 1536}}
+model: {{name: {model_dir}, backend: transformers, quantization: nf4, max_length: 1536, device: cpu}}
 lora: {{r: 4, alpha: 8}}
 seed: {{path: seed.jsonl}}
 corpus: {{path: corpus.jsonl, dedup: false}}
