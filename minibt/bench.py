@@ -1,8 +1,9 @@
 """`minibt bench`: minibt's augmentation, curation and training measured side by side with the plain way.
 
-Every comparison runs in one process, on the same model, adapter and data, one side right after the
-other (the fast side several times, once before the slow one and the rest after it; its median
-time counts, its best is reported beside):
+Every comparison runs in one process, on the same model, adapter and data, as interleaved pairs
+(fast side, slow side, fast, slow, ...; the fast side a few runs back to back, their mean, since one
+run takes tenths of a second): each pair gives a ratio, the median of the pairs' ratios counts, and
+their spread (min, quartiles, max) is reported beside it (`spread`), so a disturbed pair shows:
 
 - generation: `Engine.generate` (batched, length-sorted, left-padded, KV cache, stop at EOS) vs a
   one-prompt-at-a-time loop of `model.generate`, on the same augmentation prompts with the recipe's
@@ -85,26 +86,27 @@ VERDICTS = {
 class Settings:
     generate_prompts: int = 256  # augmentation prompts (corpus texts), each side
     curate_pairs: int = 256  # augmented pairs scored by each curation mode
-    train_steps: int = 60  # steps of each training side, per repeat
-    train_repeats: int = 2  # minibt, bare, bare, minibt, ... each side's median (and best)
+    train_steps: int = 60  # steps of each training side, per pair
     curator_steps: int = 200  # teaching the curator the rubric (not part of any comparison)
     curator_batch: int = 8
     seed_ratings: int = 40  # seed pairs rated by the world's rule (x3: right, wrong, noise output)
     augmented_ratings: int = 300  # augmented pairs of other corpus texts, rated by the world's rule
     reasoning_tokens: int = 128  # the recipe's default budget for generated reasoning
     max_length: int = 768  # the rubric prompt is ~520 toy tokens; RoPE computes past pretraining length
-    fast_repeats: int = 5  # runs of each comparison's fast side (batched generation, distribution scoring)
+    pairs: int = 5  # interleaved pairs per comparison (training: minibt, bare, bare, minibt, ...)
+    fast_runs: int = 5  # back-to-back runs of the fast side in each pair (batched generation, distribution scoring)
 
 
 # The curator's 300 steps of 6 rows (~90 s of the bench's ~130 s here): run seeds 0-3 gave agreement
 # 0.84/0.84/0.83/0.86; 300 of 8 rows 0.84/0.87/0.82 (seeds 0-2) in a third more time; 150 of 8 at twice
 # the learning rate, 0.71-0.86, and 400 of 4, 0.75-0.79 (seeds 0 and 2).
-QUICK = Settings(generate_prompts=64, curate_pairs=96, train_steps=20, train_repeats=4, curator_steps=300,
+# Each pair's fast side 1-2 s (5 x ~0.2 s generation, 5 x ~0.37 s scoring) against a ~3-3.6 s slow side.
+QUICK = Settings(generate_prompts=64, curate_pairs=96, train_steps=20, pairs=5, fast_runs=5, curator_steps=300,
                  curator_batch=6, reasoning_tokens=64)  # fmt: skip
 
 # Random-weight models of real shapes never stop at EOS: every generation runs its whole budget, and
 # the one-at-a-time loop on an 8B model costs ~25 ms per token. The curator only needs to exist.
-GPU = Settings(generate_prompts=64, curate_pairs=128, train_steps=30, train_repeats=2, curator_steps=10,
+GPU = Settings(generate_prompts=64, curate_pairs=128, train_steps=30, pairs=3, fast_runs=3, curator_steps=10,
                augmented_ratings=0, reasoning_tokens=128)  # fmt: skip
 
 
@@ -189,8 +191,29 @@ def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
     return out, time.perf_counter() - t0
 
 
-def median_seconds(runs: Sequence[tuple[Any, float]]) -> float:
-    return float(np.median([s for _, s in runs]))
+def interleaved_pairs(fast: Callable[[], Any], slow: Callable[[], Any], pairs: int,
+                      fast_runs: int) -> tuple[Any, Any, list[float], list[float]]:
+    """(fast's output, slow's output, fast seconds per run, slow seconds), one time of each per pair.
+
+    After one untimed fast run (first-call costs), `pairs` times: the fast side `fast_runs` times back
+    to back (their mean), then the slow side once. Both sides must be seeded (the same output each run)."""
+    fast_out = fast()
+    fast_s, slow_s, slow_out = [], [], None
+    for _ in range(pairs):
+        total = 0.0
+        for _ in range(fast_runs):
+            fast_out, s = timed(fast)
+            total += s
+        fast_s.append(total / fast_runs)
+        slow_out, s = timed(slow)
+        slow_s.append(s)
+    return fast_out, slow_out, fast_s, slow_s
+
+
+def spread(values: Sequence[float]) -> dict[str, Any]:
+    """Min, quartiles and max of the pairs' ratios: how far one pair can be from the median reported."""
+    q = np.percentile(np.asarray(values, dtype=float), [0, 25, 50, 75, 100])
+    return {"n": len(values), **{k: round(float(v), 3) for k, v in zip(("min", "q1", "median", "q3", "max"), q)}}
 
 
 def count_tokens(engine: Any, texts: Sequence[str]) -> int:
@@ -221,25 +244,16 @@ def generate_one_at_a_time(engine: Any, adapter: str, prompts: Sequence[str], ma
 
 
 def compare_generation(engine: Any, adapter: str, prompts: Sequence[str], max_new_tokens: int, temperature: float,
-                       top_p: float, batch_size: int, seed: int = 0, repeats: int = 5) -> dict[str, Any]:
-    """Batched `Engine.generate` vs the one-at-a-time loop on the same prompts: tokens/s each side.
-
-    The batched side runs `repeats` times (seeded: the same texts each time) and its median time counts;
-    one run takes a few tenths of a second on the toy world, where single hiccups of the VM show."""
-    batched_runs: list[tuple[list[str], float]] = []
-
-    def batched() -> None:
-        batched_runs.append(timed(lambda: engine.generate(adapter, prompts, max_new_tokens=max_new_tokens,
-                                                          temperature=temperature, top_p=top_p,
-                                                          batch_size=batch_size, seed=seed)))
-
-    batched()
-    single, single_s = timed(lambda: generate_one_at_a_time(engine, adapter, prompts, max_new_tokens, temperature, top_p, seed))
-    for _ in range(max(0, repeats - 1)):
-        batched()
-    out, batched_s, best_s = batched_runs[0][0], median_seconds(batched_runs), min(s for _, s in batched_runs)
+                       top_p: float, batch_size: int, seed: int = 0, pairs: int = 5, fast_runs: int = 5) -> dict[str, Any]:
+    """Batched `Engine.generate` vs the one-at-a-time loop on the same prompts: tokens/s each side, as
+    interleaved pairs (`interleaved_pairs`; both sides seeded, so each run returns the same texts)."""
+    out, single, batched_s, single_s = interleaved_pairs(
+        lambda: engine.generate(adapter, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                batch_size=batch_size, seed=seed),
+        lambda: generate_one_at_a_time(engine, adapter, prompts, max_new_tokens, temperature, top_p, seed),
+        pairs, fast_runs)
     b_tokens, s_tokens = count_tokens(engine, out), count_tokens(engine, single)
-    b_rate, s_rate = b_tokens / batched_s, s_tokens / single_s
+    ratios = [(b_tokens / b) / (s_tokens / s) for b, s in zip(batched_s, single_s)] if s_tokens else []
     return {
         "prompts": len(prompts),
         "outputs": {"batched": len(out), "one_at_a_time": len(single)},
@@ -248,13 +262,13 @@ def compare_generation(engine: Any, adapter: str, prompts: Sequence[str], max_ne
         "top_p": top_p,
         "batch_size": batch_size,
         "tokens": {"batched": b_tokens, "one_at_a_time": s_tokens},
-        "seconds": {"batched": round(batched_s, 3), "one_at_a_time": round(single_s, 3),
-                    "batched_runs": [round(s, 3) for _, s in batched_runs]},
-        "tokens_per_second": {"batched": round(b_rate, 1), "one_at_a_time": round(s_rate, 1)},
-        "speedup": round(b_rate / s_rate, 2) if s_rate > 0 else None,
-        "speedup_best": round(b_tokens / best_s / s_rate, 2) if s_rate > 0 else None,
+        "seconds": {"batched": [round(s, 3) for s in batched_s], "one_at_a_time": [round(s, 3) for s in single_s]},
+        "tokens_per_second": {"batched": round(b_tokens / float(np.median(batched_s)), 1),
+                              "one_at_a_time": round(s_tokens / float(np.median(single_s)), 1)},
+        "speedup": round(float(np.median(ratios)), 2) if ratios else None,
+        "spread": spread(ratios) if ratios else None,
         "speedup_measure": "generated tokens/s, each returned text re-tokenized by the same tokenizer on both sides; "
-                           "batched: median of its runs (speedup_best: its best run)",
+                           f"median over {pairs} interleaved pairs (batched side: mean of {fast_runs} runs per pair)",
         "_outputs": out,
     }
 
@@ -302,30 +316,36 @@ def curator_rows(engine: Any, rated: Sequence[dict]) -> list[dict[str, str]]:
 
 
 def compare_curation(engine: Any, recipe: Any, curator: str, pairs: list[dict[str, Any]], reasoning_tokens: int,
-                     batch_size: int, repeats: int = 5) -> dict[str, Any]:
-    """Distribution scoring vs generated reasoning + parsed score, through the curate stage's own code.
-
-    Distribution scoring runs `repeats` times and its median time counts; repeats=0 scores each way
-    once, untimed (agreement only)."""
+                     batch_size: int, timed_pairs: int = 5, fast_runs: int = 3) -> dict[str, Any]:
+    """Distribution scoring vs generated reasoning + parsed score, through the curate stage's own code,
+    as `timed_pairs` interleaved pairs (`interleaved_pairs`); 0 scores each way once, untimed (agreement only)."""
     from minibt.stages.curate import score_pairs
 
     dist_recipe = dataclasses.replace(recipe, curate=dataclasses.replace(
         recipe.curate, method="rubric", mode="distribution", score="expected", batch_size=batch_size))
     gen_recipe = dataclasses.replace(recipe, curate=dataclasses.replace(
         recipe.curate, method="rubric", mode="generate", reasoning_tokens=reasoning_tokens, batch_size=batch_size))
-    dist_runs = [timed(lambda: score_pairs(engine, dist_recipe, curator, pairs))]
-    gen, gen_s = timed(lambda: score_pairs(engine, gen_recipe, curator, pairs))
-    for _ in range(max(0, repeats - 1)):
-        dist_runs.append(timed(lambda: score_pairs(engine, dist_recipe, curator, pairs)))
-    dist, dist_s, best_s = dist_runs[0][0], median_seconds(dist_runs), min(s for _, s in dist_runs)
+    def distribution() -> list[dict[str, Any]]:
+        return score_pairs(engine, dist_recipe, curator, pairs)
+
+    def generate() -> list[dict[str, Any]]:
+        return score_pairs(engine, gen_recipe, curator, pairs)
+
+    if timed_pairs:
+        dist, gen, dist_s, gen_s = interleaved_pairs(distribution, generate, timed_pairs, fast_runs)
+    else:
+        dist, gen = distribution(), generate()
     out: dict[str, Any] = {"pairs": len(pairs), "reasoning_tokens": reasoning_tokens, "batch_size": batch_size}
-    if repeats:
+    if timed_pairs:
+        ratios = [g / d for d, g in zip(dist_s, gen_s)]
         out.update({
-            "seconds": {"distribution": round(dist_s, 3), "generate": round(gen_s, 3),
-                        "distribution_runs": [round(s, 3) for _, s in dist_runs]},
-            "pairs_per_second": {"distribution": round(len(pairs) / dist_s, 1), "generate": round(len(pairs) / gen_s, 1)},
-            "speedup": round(gen_s / dist_s, 2),
-            "speedup_best": round(gen_s / best_s, 2),
+            "seconds": {"distribution": [round(s, 3) for s in dist_s], "generate": [round(s, 3) for s in gen_s]},
+            "pairs_per_second": {"distribution": round(len(pairs) / float(np.median(dist_s)), 1),
+                                 "generate": round(len(pairs) / float(np.median(gen_s)), 1)},
+            "speedup": round(float(np.median(ratios)), 2),
+            "spread": spread(ratios),
+            "speedup_measure": f"generate seconds / distribution seconds, median over {timed_pairs} interleaved pairs "
+                               f"(distribution side: mean of {fast_runs} runs per pair)",
         })
     out.update(agreement(dist, gen))
     out["generated_rating_tokens_mean"] = round(count_tokens(engine, [g["rating"] for g in gen]) / max(1, len(gen)), 1)
@@ -422,8 +442,9 @@ def bare_trl_train(model_dir: str, engine: Any, rows: Sequence[dict[str, str]], 
 
 
 def compare_training(engine: Any, model_dir: str, rows: Sequence[dict[str, str]], cfg: Any, work: Path,
-                     repeats: int, keep: str) -> dict[str, Any]:
-    """`Engine.train` vs the bare script, alternating (minibt, bare, bare, minibt, ...); median time each (and best).
+                     pairs: int, keep: str) -> dict[str, Any]:
+    """`Engine.train` vs the bare script as interleaved pairs (minibt, bare, bare, minibt, ...: the sides
+    cost alike, so each goes first half the time); the median of the pairs' ratios.
 
     The first minibt run trains adapter `keep`, which stays on the engine (the bench uses it next).
     """
@@ -436,7 +457,7 @@ def compare_training(engine: Any, model_dir: str, rows: Sequence[dict[str, str]]
 
     bare = BareSide(model_dir, engine, rows)
     bare(warm, str(work / "warm_bare"))  # the worker's own warm-up, when there is one
-    for k in range(repeats):
+    for k in range(pairs):
         order = ("minibt", "bare") if k % 2 == 0 else ("bare", "minibt")
         for side in order:
             if side == "minibt":
@@ -451,7 +472,7 @@ def compare_training(engine: Any, model_dir: str, rows: Sequence[dict[str, str]]
                 bare_runs.append(res["seconds"])
                 losses["bare"].append(res["train_loss"])
     bare.close()
-    med_m, med_b = float(np.median(minibt_runs)), float(np.median(bare_runs))
+    ratios = [b / m for b, m in zip(bare_runs, minibt_runs)]
     return {
         "rows": len(rows),
         "bare_side": bare.where,
@@ -459,10 +480,10 @@ def compare_training(engine: Any, model_dir: str, rows: Sequence[dict[str, str]]
         "batch_size": cfg.batch_size,
         "seconds": {"minibt": [round(s, 3) for s in minibt_runs], "bare": [round(s, 3) for s in bare_runs]},
         "train_loss": losses,
-        "ratio": round(med_b / med_m, 3),
-        "ratio_best": round(min(bare_runs) / min(minibt_runs), 3),
-        "ratio_measure": "median bare trl+peft time / median Engine.train time over alternating runs (trainer "
-                         "set-up + training; bases loaded before; ratio_best: best time each side)",
+        "ratio": round(float(np.median(ratios)), 3),
+        "spread": spread(ratios),
+        "ratio_measure": f"bare trl+peft time / Engine.train time (trainer set-up + training; bases loaded before), "
+                         f"median over {pairs} interleaved pairs",
     }
 
 
@@ -539,7 +560,7 @@ def run_bench(settings: Settings, recipe_path: str | os.PathLike | None = None, 
     train_cfg = dataclasses.replace(recipe.backward, max_steps=settings.train_steps, save_steps=0)
     with memory.phase("training"):
         training = compare_training(engine, model_dir, backward_rows(engine, world.seed_pairs), train_cfg,
-                                    work / "train", settings.train_repeats, keep=MYX)
+                                    work / "train", settings.pairs, keep=MYX)
 
     # 2. augmentation: myx writes instructions for corpus texts (the recipe's sampling and budget)
     aug = recipe.augment
@@ -547,7 +568,8 @@ def run_bench(settings: Settings, recipe_path: str | os.PathLike | None = None, 
     texts, corpus = build_prompts(engine, corpus, lambda r: backward_prompt(engine, r["text"], aug.max_new_tokens), "t")
     with memory.phase("generation"):
         generation = compare_generation(engine, MYX, texts, aug.max_new_tokens, aug.temperature, aug.top_p,
-                                        aug.batch_size, seed=recipe.run.seed, repeats=settings.fast_repeats)
+                                        aug.batch_size, seed=recipe.run.seed, pairs=settings.pairs,
+                                        fast_runs=settings.fast_runs)
     instructions = generation.pop("_outputs")
 
     # 3. the curator learns the rubric from rated pairs, then both curation modes score the same
@@ -574,9 +596,10 @@ def run_bench(settings: Settings, recipe_path: str | os.PathLike | None = None, 
         cur_res, cur_s = timed(lambda: engine.train(CURATOR, curator_rows(engine, rated), cur_cfg, work / "curator"))
     with memory.phase("curation"):
         curation = compare_curation(engine, recipe, CURATOR, pairs, settings.reasoning_tokens,
-                                    recipe.curate.batch_size, repeats=settings.fast_repeats)
+                                    recipe.curate.batch_size, timed_pairs=settings.pairs,
+                                    fast_runs=settings.fast_runs)
         curation["natural"] = compare_curation(engine, recipe, CURATOR, natural, settings.reasoning_tokens,
-                                               recipe.curate.batch_size, repeats=0)
+                                               recipe.curate.batch_size, timed_pairs=0)
     curation["pairs_drawn"] = (f"{sum(p['label'] != 'fact' for p in pairs)} noise + {sum(p['label'] == 'fact' for p in pairs)} "
                                f"fact texts, in corpus order, with myx's instructions (curation.natural: the first "
                                f"{len(natural)} texts as they come)")
@@ -603,6 +626,8 @@ def run_bench(settings: Settings, recipe_path: str | os.PathLike | None = None, 
         "curation_rank_agreement": curation["rank_agreement"],
         "unparseable_rate": curation["unparseable_rate"],
         "training_ratio": training["ratio"],
+        "spread": {"generation_speedup": generation["spread"], "curation_speedup": curation["spread"],
+                   "training_ratio": training["spread"]},
         "peak_memory_mib": memory.report(),
         "goals": {},
         "machine": {
@@ -644,6 +669,10 @@ def check_goals(result: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _range(spread: dict[str, Any] | None) -> str:
+    return "" if not spread else f"(pairs {spread['min']}-{spread['max']}, IQR {spread['q1']}-{spread['q3']})"
+
+
 def summary_lines(result: dict[str, Any]) -> list[str]:
     g, c, t = result["generation"], result["curation"], result["training"]
     lines = [
@@ -651,14 +680,14 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
         f"{result['model']['quantization']}; device {result['machine']['device']}, {result['machine']['torch_threads']} thread(s), "
         f"load average {result['machine']['load_average_start']} -> {result['machine']['load_average_end']}",
         f"generation  batched {g['tokens_per_second']['batched']} tok/s vs one-at-a-time {g['tokens_per_second']['one_at_a_time']} tok/s "
-        f"({g['prompts']} prompts, max_new_tokens {g['max_new_tokens']}): x{g['speedup']}",
+        f"({g['prompts']} prompts, max_new_tokens {g['max_new_tokens']}): x{g['speedup']} {_range(g['spread'])}",
         f"curation    distribution {c['seconds']['distribution']} s vs generate ({c['reasoning_tokens']} reasoning tokens) "
-        f"{c['seconds']['generate']} s on {c['pairs']} pairs: x{c['speedup']}; Spearman {c['rank_agreement']} "
+        f"{c['seconds']['generate']} s on {c['pairs']} pairs: x{c['speedup']} {_range(c['spread'])}; Spearman {c['rank_agreement']} "
         f"over {c['rank_agreement_pairs']} (tie ceiling {c['rank_agreement_ceiling']}, argmax {c['rank_agreement_argmax']}; "
         f"plain sample {c['natural']['rank_agreement']}, ceiling {c['natural']['rank_agreement_ceiling']}); "
         f"unparseable {c['unparseable_rate']}",
         f"training    bare trl {t['seconds']['bare']} s vs Engine.train {t['seconds']['minibt']} s "
-        f"({t['steps']} steps): ratio {t['ratio']}",
+        f"({t['steps']} steps): ratio {t['ratio']} {_range(t['spread'])}",
         f"memory      {result['peak_memory_mib']}",
         "goals       " + ", ".join(f"{k} {v['value']} ({v['target']}: {'met' if v['met'] else 'NOT met'})"
                                    for k, v in result["goals"].items()),

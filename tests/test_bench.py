@@ -55,13 +55,24 @@ def test_spearman_matches_hand_computed_values():
 def test_generation_sides_make_one_output_per_prompt(engine):
     texts = [engine.render(prompts.backward_messages(f"the {w} is red.")) for w in ("king", "river", "city", "north", "a")]
     g = bench.compare_generation(engine, "myx", texts, max_new_tokens=5, temperature=0.7, top_p=0.9, batch_size=2,
-                                 repeats=3)
+                                 pairs=3, fast_runs=2)
     assert g["outputs"] == {"batched": 5, "one_at_a_time": 5}
     assert len(g["_outputs"]) == 5
-    assert len(g["seconds"]["batched_runs"]) == 3
-    assert g["seconds"]["batched"] == sorted(g["seconds"]["batched_runs"])[1]  # the median run
-    assert all(isinstance(g["tokens"][side], int) and g["tokens"][side] >= 0 for side in ("batched", "one_at_a_time"))
-    assert g["speedup"] is None or g["speedup"] > 0
+    assert len(g["seconds"]["batched"]) == len(g["seconds"]["one_at_a_time"]) == 3  # one time per pair and side
+    assert all(isinstance(g["tokens"][side], int) and g["tokens"][side] > 0 for side in ("batched", "one_at_a_time"))
+    assert g["spread"]["n"] == 3 and g["spread"]["min"] - 0.005 <= g["speedup"] <= g["spread"]["max"] + 0.005
+
+
+def test_pairs_interleave_the_sides_after_an_untimed_fast_run():
+    calls = []
+    fast_out, slow_out, fast_s, slow_s = bench.interleaved_pairs(lambda: calls.append("A") or "a",
+                                                                 lambda: calls.append("B") or "b", pairs=3, fast_runs=2)
+    assert "".join(calls) == "A" + "AAB" * 3
+    assert (fast_out, slow_out) == ("a", "b") and len(fast_s) == len(slow_s) == 3
+
+
+def test_spread_is_the_pairs_quartiles():
+    assert bench.spread([3.0, 1.0, 2.0, 10.0, 4.0]) == {"n": 5, "min": 1.0, "q1": 2.0, "median": 3.0, "q3": 4.0, "max": 10.0}
 
 
 def test_greedy_generation_is_the_same_batched_and_one_at_a_time(engine):
@@ -75,21 +86,31 @@ def test_curation_sides_score_the_same_pairs(engine):
     recipe = Recipe()
     pairs = [{"instruction": f"what is the {w}", "output": f"the {w} is {c}."}
              for w, c in [("king", "red"), ("river", "blue"), ("city", "old"), ("queen", "new")]]
-    c = bench.compare_curation(engine, recipe, "rater", pairs, reasoning_tokens=6, batch_size=2)
+    c = bench.compare_curation(engine, recipe, "rater", pairs, reasoning_tokens=6, batch_size=2, timed_pairs=2, fast_runs=1)
     assert c["pairs"] == 4
     assert len(c["_scores"]["distribution"]) == len(c["_scores"]["generate"]) == 4
     assert c["unparseable"]["distribution"] == 0 and c["unparseable_rate"]["distribution"] == 0.0
-    # unparseable generated ratings are counted, and left out of the agreement: never dropped silently
-    assert c["unparseable"]["generate"] == sum(s is None for s in c["_scores"]["generate"])
-    assert c["rank_agreement_pairs"] == 4 - c["unparseable"]["generate"]
     assert all(1 <= s <= 5 for s in c["_scores"]["distribution"])
+    assert all(s is None or 1 <= s <= 5 for s in c["_scores"]["generate"])
+    assert len(c["seconds"]["generate"]) == 2 and c["spread"]["min"] - 0.005 <= c["speedup"] <= c["spread"]["max"] + 0.005
+
+
+def test_agreement_leaves_unparseable_ratings_out_and_counts_them():
+    dist = [{"score": s, "argmax_score": a} for s, a in ((1.2, 1), (4.8, 5), (2.1, 2), (3.9, 4), (1.0, 1))]
+    gen = [{"score": s} for s in (1, 5, None, 4, 2)]
+    a = bench.agreement(dist, gen)
+    assert a["unparseable"] == {"distribution": 0, "generate": 1} and a["unparseable_rate"]["generate"] == 0.2
+    # the four parsed pairs: distribution ranks [2, 4, 3, 1] vs generated [1, 4, 3, 2]: rho = 1 - 6 * 2 / 60
+    assert a["rank_agreement_pairs"] == 4 and a["rank_agreement"] == pytest.approx(0.8)
+    assert a["rank_agreement_argmax"] == pytest.approx(bench.spearman([1, 5, 4, 1], [1, 5, 4, 2]), abs=1e-4)
+    assert a["score_histogram"]["generate"] == {"1": 1, "2": 1, "3": 0, "4": 1, "5": 1}
 
 
 def test_untimed_curation_gives_agreement_only(engine):
     pairs = [{"instruction": "what is the king", "output": "the king is red."}] * 2
-    c = bench.compare_curation(engine, Recipe(), "rater", pairs, reasoning_tokens=4, batch_size=2, repeats=0)
+    c = bench.compare_curation(engine, Recipe(), "rater", pairs, reasoning_tokens=4, batch_size=2, timed_pairs=0)
     assert "seconds" not in c and "speedup" not in c
-    assert c["rank_agreement_pairs"] + c["unparseable"]["generate"] == 2
+    assert len(c["_scores"]["distribution"]) == len(c["_scores"]["generate"]) == 2
 
 
 def test_tie_ceiling_is_what_a_score_ordering_the_classes_reaches():
@@ -121,6 +142,22 @@ def test_prefix_cache_scores_exactly_like_full_prompts(engine):
     engine.prefix_cache = True
     cached, cached_mass = engine.next_token_probs("rater", texts, "Score:", list("12345"), batch_size=2)
     assert np.allclose(full, cached, atol=1e-5) and np.allclose(full_mass, cached_mass, atol=1e-5)
+
+
+def test_prefix_cache_generates_exactly_like_full_prompts(engine):
+    """Generation computes the prompts' shared head once (the bench's fast side): same texts, sampled
+    or greedy, as running every prompt whole; and the head is really shared here."""
+    head = "write the instruction that the following text is the answer to, in the north and the south. "
+    texts = [engine.render([{"role": "user", "content": head + tail}])
+             for tail in ("the king is red.", "a", "the small old river is blue and the city is new.", "five")]
+    with engine.use("myx"):
+        assert engine._shared_head(engine.tokenizer(texts)["input_ids"])[0] >= 16
+    outputs = {}
+    for cached in (False, True):
+        engine.prefix_cache = cached
+        outputs[cached] = [engine.generate("myx", texts, max_new_tokens=8, temperature=t, top_p=0.9, batch_size=3, seed=1)
+                           for t in (0.0, 0.9)]
+    assert outputs[True] == outputs[False]
 
 
 def test_common_prefix_leaves_a_token_for_every_row():
@@ -156,9 +193,9 @@ def test_training_sides_run_the_same_steps(engine, tiny_model_dir, tmp_path):
     rows = [{"prompt": engine.render([{"role": "user", "content": f"what is the {w}"}]), "completion": f"the {w}."}
             for w in ("king", "queen", "river", "city")]
     cfg = TrainSection(max_steps=2, batch_size=2, learning_rate=1e-3, warmup_ratio=0.0)
-    t = bench.compare_training(engine, tiny_model_dir, rows, cfg, tmp_path, repeats=2, keep="kept")
+    t = bench.compare_training(engine, tiny_model_dir, rows, cfg, tmp_path, pairs=2, keep="kept")
     assert len(t["seconds"]["minibt"]) == len(t["seconds"]["bare"]) == 2
-    assert t["steps"] == 2 and t["ratio"] > 0
+    assert t["steps"] == 2 and t["spread"]["n"] == 2 and 0 < t["spread"]["min"] <= t["ratio"] <= t["spread"]["max"]
     assert "kept" in engine.adapters and not any(a.startswith("kept_") for a in engine.adapters)
     engine.delete_adapter("kept")
 
@@ -199,6 +236,7 @@ def fake_result() -> dict:
                             "natural": {"rank_agreement": 0.7, "rank_agreement_ceiling": 0.7},
                             "unparseable_rate": {"distribution": 0.0, "generate": 0.1}},
                   training={"seconds": {"bare": [1.0], "minibt": [1.0]}, "steps": 1, "ratio": 1.0},
+                  spread={k: bench.spread([1.0]) for k in ("generation_speedup", "curation_speedup", "training_ratio")},
                   model={"source": "x", "parameters": 1, "backend": "transformers", "quantization": "nf4"},
                   machine={"device": "cpu", "torch_threads": 1, "load_average_start": [0, 0, 0], "load_average_end": [0, 0, 0]},
                   seconds_total=1.0)
@@ -208,7 +246,7 @@ def fake_result() -> dict:
 
 REQUIRED = {"generation_speedup": (int, float), "curation_speedup": (int, float), "curation_rank_agreement": (int, float, type(None)),
             "unparseable_rate": dict, "training_ratio": (int, float), "peak_memory_mib": dict, "goals": dict,
-            "machine": dict, "generation": dict, "curation": dict, "training": dict}
+            "machine": dict, "generation": dict, "curation": dict, "training": dict, "spread": dict}
 
 
 def check_schema(result: dict) -> None:
@@ -217,6 +255,9 @@ def check_schema(result: dict) -> None:
     assert set(result["unparseable_rate"]) == {"distribution", "generate"}
     assert set(result["goals"]) == set(bench.GOALS)
     assert all({"value", "target", "met"} <= set(g) for g in result["goals"].values())
+    assert set(result["spread"]) == {"generation_speedup", "curation_speedup", "training_ratio"}
+    for key, pairs in result["spread"].items():  # each goal's ratio is the median of its pairs (rounded to 2-3 places)
+        assert pairs["min"] - 0.005 <= result[key] <= pairs["max"] + 0.005, key
 
 
 def test_json_flag_prints_one_object_on_the_last_line(monkeypatch):
@@ -248,14 +289,12 @@ def test_bench_end_to_end_on_a_small_world(tmp_path, monkeypatch):
         "augment": {"max_new_tokens": 6, "batch_size": 4}, "curate": {"batch_size": 4},
         "toy": dataclasses.asdict(small_world_config()),
     }))
-    settings = bench.Settings(generate_prompts=4, curate_pairs=5, train_steps=2, train_repeats=1, curator_steps=2,
-                              curator_batch=2, seed_ratings=2, augmented_ratings=4, reasoning_tokens=6, fast_repeats=1)
+    settings = bench.Settings(generate_prompts=4, curate_pairs=5, train_steps=2, pairs=1, curator_steps=2,
+                              curator_batch=2, seed_ratings=2, augmented_ratings=4, reasoning_tokens=6, fast_runs=1)
     result = bench.run_bench(settings, recipe, work_dir=tmp_path / "work")
     check_schema(result)
     json.dumps(result)  # JSON-ready
     assert result["generation"]["outputs"] == {"batched": 4, "one_at_a_time": 4}
-    assert result["curation"]["pairs"] == result["curation"]["rank_agreement_pairs"] + result["curation"]["unparseable"]["generate"]
-    natural = result["curation"]["natural"]
-    assert natural["pairs"] == natural["rank_agreement_pairs"] + natural["unparseable"]["generate"]
+    assert result["curation"]["pairs"] == 5 and result["curation"]["natural"]["pairs"] == 5
     assert result["curation"]["curator"]["from_augmented_pairs"] > 0
     assert result["unparseable_rate"]["distribution"] == 0.0
