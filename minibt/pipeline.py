@@ -41,9 +41,7 @@ def run(recipe: Recipe, out: str | Path, fresh: bool = False) -> RunDir:
     require_device(recipe.model.device, toy=recipe.toy is not None)  # before any download or load
     import_backend(recipe.model.backend)
     rd = RunDir.create(out, recipe, fresh=fresh)
-    if not rd.done("prepare"):
-        with rd.stage("prepare") as counts:
-            counts.update(prepare(rd, recipe))
+    prepare_stage(rd, recipe)
     if all(rd.done(stage) for stage in plan(recipe)):
         return rd  # nothing left to do: don't load the base for nothing
     seed = io.read_jsonl(rd.data("seed"))
@@ -86,6 +84,23 @@ def run(recipe: Recipe, out: str | Path, fresh: bool = False) -> RunDir:
             with rd.stage("evaluate") as counts:
                 counts.update(evaluate_toy(rd, engine, recipe))
     return rd
+
+
+def prepare_only(recipe: Recipe, out: str | Path, fresh: bool = False) -> tuple[RunDir, bool]:
+    """`minibt prepare`: the run directory and its prepare stage, as `run` starts them, and whether the
+    stage ran now (False: done before). No model loads; a later `run` on the folder goes on from here."""
+    rd = RunDir.create(out, recipe, fresh=fresh)
+    return rd, prepare_stage(rd, recipe)
+
+
+def prepare_stage(rd: RunDir, recipe: Recipe) -> bool:
+    """data/seed.jsonl and data/corpus.jsonl (and the toy world's files), recorded in the manifest;
+    True if it ran now, False if it was done already."""
+    if rd.done("prepare"):
+        return False
+    with rd.stage("prepare") as counts:
+        counts.update(prepare(rd, recipe))
+    return True
 
 
 def load_engine(rd: RunDir, recipe: Recipe) -> Engine:
