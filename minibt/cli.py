@@ -90,30 +90,6 @@ def run(recipe_path: Path, overrides: tuple[str, ...], out: Path | None, dry_run
     click.echo(summary(rd))
 
 
-@main.command()
-@click.argument("recipe_path", metavar="RECIPE", type=click.Path(dir_okay=False, path_type=Path))
-@click.argument("overrides", nargs=-1, metavar="[section.key=value]...")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Run directory (default: runs/<recipe name>).")
-@click.option("--fresh", is_flag=True, help="Delete the run directory first instead of resuming it.")
-@_friendly
-def prepare(recipe_path: Path, overrides: tuple[str, ...], out: Path | None, fresh: bool) -> None:
-    """Only the prepare stage, no model loaded: data/seed.jsonl and data/corpus.jsonl, with the counts
-    per filter. `minibt run` on the same folder goes on from there."""
-    from minibt.pipeline import prepare_only
-    from minibt.recipe import load_recipe
-    from minibt.recipes import resolve
-    from minibt.stages.prepare import format_counts
-
-    recipe = load_recipe(resolve(recipe_path), overrides)
-    out = out or Path("runs") / recipe.run.name
-    _setup()
-    rd, ran = prepare_only(recipe, out, fresh=fresh)
-    entry = rd.manifest["stages"]["prepare"]
-    done = f"done in {entry['seconds']:.1f}s" if ran else "already done (the counts from its manifest)"
-    click.echo(f"prepare: {done}; files in {rd.path / 'data'}; `minibt run` with the same recipe and --out goes on from here")
-    click.echo("\n".join(format_counts(recipe, entry.get("counts", {}))))
-
-
 def summary(rd) -> str:
     """A few lines: what each stage kept, and the toy world's metrics when there are any."""
     lines = [f"run: {rd.path}  (base loaded {rd.manifest.get('base_loads', '?')}x, backend {rd.manifest.get('backend', '?')})"]
@@ -233,6 +209,18 @@ def report(run_dir: Path) -> None:
     click.echo(f"wrote {path}")
 
 
+@main.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@_friendly
+def repair(run_dir: Path) -> None:
+    """Rebuild a lost or corrupt RUN_DIR/manifest.json from the run's data files and adapters."""
+    from minibt.repair import repair as rebuild
+
+    for line in rebuild(run_dir):
+        click.echo(line)
+    click.echo(f"wrote {Path(run_dir) / 'manifest.json'}; rerun the run's command (minibt run RECIPE --out {run_dir}) to finish it")
+
+
 @main.command(name="eval")
 @click.argument("run_dir", type=click.Path(path_type=Path))
 @click.option("--compare", nargs=2, default=("m1", "m0"), show_default=True, metavar="A B",
@@ -262,12 +250,14 @@ def eval_(run_dir: Path, compare: tuple[str, str], no_pairwise: bool, instructio
           toy: bool) -> None:
     """Evaluate a run: pairwise win rate (both answer orders), IFEval, toy metrics -> metrics.json, report.md."""
     from minibt.evaluate import run_eval
+    from minibt.rundir import RunDir
 
     _setup(1)
-    updates = run_eval(run_dir, compare=None if no_pairwise else compare, instructions=instructions, judge=judge,
-                       judge_model=judge_model, judge_quantization=judge_quantization, limit=limit,
-                       max_new_tokens=max_new_tokens, batch_size=batch_size, ifeval_adapters=ifeval_adapters,
-                       ifeval_data=ifeval_data, ifeval_limit=ifeval_limit, ifeval_max_tokens=ifeval_max_tokens, toy=toy)
+    with RunDir.open(run_dir).locked():  # it writes metrics.json: not while a run is writing the folder
+        updates = run_eval(run_dir, compare=None if no_pairwise else compare, instructions=instructions, judge=judge,
+                           judge_model=judge_model, judge_quantization=judge_quantization, limit=limit,
+                           max_new_tokens=max_new_tokens, batch_size=batch_size, ifeval_adapters=ifeval_adapters,
+                           ifeval_data=ifeval_data, ifeval_limit=ifeval_limit, ifeval_max_tokens=ifeval_max_tokens, toy=toy)
     for key, r in updates.get("pairwise", {}).items():
         click.echo(f"pairwise {r['a']} vs {r['b']} (judge {r['judge']}, {r['n']} instructions, both orders): "
                    f"win rate {r['win_rate']:.3f}, 95% CI [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}] "

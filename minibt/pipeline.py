@@ -19,7 +19,7 @@ from typing import Any, Callable
 from minibt import io
 from minibt.engine import Engine, clear_checkpoints, import_backend
 from minibt.recipe import Recipe
-from minibt.rundir import RunDir
+from minibt.rundir import WEIGHTS, RunDir
 from minibt.stack_guards import require_device
 from minibt.stages.augment import TRUNCATED, augment
 from minibt.stages.backward import MYX, train_myx
@@ -39,11 +39,37 @@ def plan(recipe: Recipe) -> list[str]:
 
 def run(recipe: Recipe, out: str | Path, fresh: bool = False) -> RunDir:
     require_device(recipe.model.device, toy=recipe.toy is not None)  # before any download or load
-    import_backend(recipe.model.backend)
-    rd = RunDir.create(out, recipe, fresh=fresh)
-    prepare_stage(rd, recipe)
+    rd = RunDir.create(out, recipe, fresh=fresh)  # locked: a second run on this folder is refused
+    try:
+        import_backend(recipe.model.backend)
+        run_stages(rd, recipe)
+    finally:
+        rd.unlock()
+    return rd
+
+
+def outputs(rd: RunDir, stage: str) -> list[Path]:
+    """The files `stage` leaves for later ones: their rows and sha256 are recorded when it finishes and
+    checked before they are used again (RunDir.done)."""
+    if stage == "prepare":
+        return [rd.data(n) for n in ("seed", "corpus", "eval", "backward_eval", "ratings")]  # the last three: toy
+    if stage == "augment":
+        return [rd.data("augmented")]
+    if stage.startswith("curate_r"):
+        k = stage.removeprefix("curate_r")
+        return [rd.data(f"scored_r{k}"), rd.data(f"curated_r{k}")]
+    if stage == "evaluate":
+        return []  # metrics.json: no stage reads it, and `minibt eval` adds to it
+    return [rd.adapter(MYX if stage == "backward" else stage) / WEIGHTS]
+
+
+def run_stages(rd: RunDir, recipe: Recipe) -> None:
+    """Every stage of `plan(recipe)` not done yet, in order, in the locked run directory `rd`."""
+    if not rd.done("prepare"):
+        with rd.stage("prepare", outputs(rd, "prepare")) as counts:
+            counts.update(prepare(rd, recipe))
     if all(rd.done(stage) for stage in plan(recipe)):
-        return rd  # nothing left to do: don't load the base for nothing
+        return  # nothing left to do: don't load the base for nothing
     seed = io.read_jsonl(rd.data("seed"))
     corpus = io.read_jsonl(rd.data("corpus"))
 
@@ -55,7 +81,7 @@ def run(recipe: Recipe, out: str | Path, fresh: bool = False) -> RunDir:
     # Step 1: self-augmentation: M_yx writes an instruction for every unlabelled text
     if not rd.done("augment"):
         need(rd, engine, MYX)
-        with rd.stage("augment") as counts:
+        with rd.stage("augment", outputs(rd, "augment")) as counts:
             augmented = augment(rd, engine, recipe, corpus)
             counts.update(texts=len(corpus), empty_instructions=sum(not r["instruction"].strip() for r in augmented),
                           truncated=sum(bool(r.get(TRUNCATED)) for r in augmented))
@@ -69,7 +95,7 @@ def run(recipe: Recipe, out: str | Path, fresh: bool = False) -> RunDir:
         curator, name = f"m{k - 1}", f"m{k}"
         if not rd.done(f"curate_r{k}"):
             need(rd, engine, curator)
-            with rd.stage(f"curate_r{k}") as counts:
+            with rd.stage(f"curate_r{k}", outputs(rd, f"curate_r{k}")) as counts:
                 counts.update(curate(rd, engine, recipe, k, curator, augmented))
         curated = io.read_jsonl(rd.data(f"curated_r{k}"))
         adapter_stage(rd, engine, name, name, lambda work: train_forward(engine, recipe, name, seed, curated, work))
@@ -83,24 +109,6 @@ def run(recipe: Recipe, out: str | Path, fresh: bool = False) -> RunDir:
         if not rd.done("evaluate"):
             with rd.stage("evaluate") as counts:
                 counts.update(evaluate_toy(rd, engine, recipe))
-    return rd
-
-
-def prepare_only(recipe: Recipe, out: str | Path, fresh: bool = False) -> tuple[RunDir, bool]:
-    """`minibt prepare`: the run directory and its prepare stage, as `run` starts them, and whether the
-    stage ran now (False: done before). No model loads; a later `run` on the folder goes on from here."""
-    rd = RunDir.create(out, recipe, fresh=fresh)
-    return rd, prepare_stage(rd, recipe)
-
-
-def prepare_stage(rd: RunDir, recipe: Recipe) -> bool:
-    """data/seed.jsonl and data/corpus.jsonl (and the toy world's files), recorded in the manifest;
-    True if it ran now, False if it was done already."""
-    if rd.done("prepare"):
-        return False
-    with rd.stage("prepare") as counts:
-        counts.update(prepare(rd, recipe))
-    return True
 
 
 def load_engine(rd: RunDir, recipe: Recipe) -> Engine:
@@ -138,9 +146,11 @@ def adapter_stage(rd: RunDir, engine: Engine, stage: str, name: str, train: Call
         return
     if name in engine.adapters:  # a half-trained adapter from a failed attempt in this process
         engine.delete_adapter(name)
-    with rd.stage(stage) as counts:
-        result = train(rd.work(name))
-        engine.save_adapter(name, rd.adapter(name))
+    with rd.stage(stage, outputs(rd, stage)) as counts:
+        with io.disk_errors(rd.work(name)):  # training checkpoints
+            result = train(rd.work(name))
+        with io.disk_errors(rd.adapter(name)):
+            engine.save_adapter(name, rd.adapter(name))
         io.write_json(rd.path / "logs" / f"{name}.json", result.pop("log_history"))
         counts.update(result)
     clear_checkpoints(rd.work(name))

@@ -49,6 +49,7 @@ class Session:
         if not (self.run.adapter(name) / "adapter_config.json").exists():
             have = ", ".join(self.run.adapter_names()) or "none yet"
             raise MinibtError(f"adapter {name!r} does not exist in {self.run.path} (have: {have}; 'base' means no adapter)")
+        self.run.check_adapter(name)  # its weights are there, as saved
         self.engine.load_adapter(name, self.run.adapter(name))
 
     @functools.cached_property

@@ -1,8 +1,15 @@
-"""Sharded processing: long stages write one file per shard, so a killed run loses one shard at most."""
+"""Sharded processing: long stages write one file per shard, so a killed run loses one shard at most.
+
+Each shard's rows and sha256 go to the manifest as it is written; on resume a shard is reused only
+if it still matches them (a shard written just before a kill, not yet recorded, only if it parses
+whole with the right number of rows). Any other shard is redone, and the log names it and why.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from tqdm.auto import tqdm
@@ -28,25 +35,48 @@ def map_shards(
     folder = run.shards(name)
     n_shards = (len(rows) + shard_size - 1) // shard_size
     out: list[dict[str, Any]] = []
-    reused = 0
+    reused, redone = 0, []
     with tqdm(total=len(rows), desc=desc, unit="row", dynamic_ncols=True) as bar:
         for k in range(n_shards):
             path = folder / f"{k:05d}.jsonl"
             part = rows[k * shard_size : (k + 1) * shard_size]
-            if path.exists():
-                done = io.read_jsonl(path)
-                if len(done) == len(part):
-                    out.extend(done)
-                    reused += 1
-                    bar.update(len(part))
-                    continue
+            done, why = finished_shard(run, path, len(part))
+            if done is not None:
+                out.extend(done)
+                reused += 1
+                bar.update(len(part))
+                continue
+            if why:
+                redone.append(path.name)
+                run.tell(run.rel(path), f"{name}: shard {path.name}: {why}: redoing it")
             result = fn(list(part), k, bar)
             io.write_jsonl(path, result)
+            run.record(path)
             out.extend(result)
     if reused:
         log.info("%s: reused %d finished shard(s) of %d", name, reused, n_shards)
+    if redone:
+        log.warning("%s: redid %d damaged shard(s): %s", name, len(redone), ", ".join(redone))
     io.write_jsonl(run.data(name), out)
     return out
+
+
+def finished_shard(run: RunDir, path: Path, n_rows: int) -> tuple[list[dict[str, Any]] | None, str | None]:
+    """(the shard's rows, None) if it can be reused; else (None, why not), why being None for no file."""
+    if not path.exists():
+        return None, None
+    why = run.problem(path)  # against the rows and sha256 recorded when it was written
+    if why:
+        return None, why
+    try:
+        done = io.read_jsonl(path)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None, "a line is not JSON (half-written?)"
+    if len(done) != n_rows:
+        return None, f"{len(done)} rows where {n_rows} belong"
+    if not run.recorded(path):
+        run.record(path)  # written just before a kill, before its record: whole (atomic), so now recorded
+    return done, None
 
 
 def build_prompts(engine: Any, rows: list[dict[str, Any]], build: Callable[[dict[str, Any]], str], mark: str) -> tuple[list[str], list[dict[str, Any]]]:
