@@ -113,17 +113,18 @@ def test_adapter_names_are_checked(engine):
 # --- the bitsandbytes CPU gradient trap (STACK-NOTES) ----------------------------------------
 
 
-def _lora_grads_vs_dequantized_reference(model_dir: str, backend: str = "auto") -> float:
+def _lora_grads_vs_dequantized_reference(model_dir: str, backend: str = "auto", dtype: str = "auto") -> float:
     """Largest relative error of 4-bit LoRA gradients, after an inference pass, vs an fp32 reference.
 
     The reference is the same network with each NF4 weight dequantized into plain fp32 Linear layers
-    BEFORE any inference, and the same LoRA weights.
+    BEFORE any inference, and the same LoRA weights, on the engine's device (each model gets its own
+    copy of the batch). Tolerances are the caller's: 1e-3 holds for fp32 compute, not for bf16/fp16.
     """
     import bitsandbytes as bnb
     from peft import get_peft_model, set_peft_model_state_dict, get_peft_model_state_dict
     from transformers import AutoModelForCausalLM
 
-    e = Engine.load(ModelSection(name=model_dir, backend=backend, max_length=128), LoraSection(r=8, alpha=16), seed=0)
+    e = Engine.load(ModelSection(name=model_dir, backend=backend, max_length=128, dtype=dtype), LoraSection(r=8, alpha=16), seed=0)
     e.add_adapter("m0")
     for n, p in e.model.named_parameters():  # non-zero B, so every LoRA weight gets a gradient
         if "lora_B" in n:
@@ -133,7 +134,7 @@ def _lora_grads_vs_dequantized_reference(model_dir: str, backend: str = "auto") 
         for name, m in e.model.get_base_model().named_modules()
         if isinstance(m, bnb.nn.Linear4bit)
     }
-    ref = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    ref = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(e.device)
     for name, m in ref.named_modules():
         if name in dequantized:
             m.weight.data.copy_(dequantized.pop(name))
@@ -146,7 +147,8 @@ def _lora_grads_vs_dequantized_reference(model_dir: str, backend: str = "auto") 
 
     def grads(model) -> dict[str, torch.Tensor]:
         model.zero_grad()
-        model(**batch, labels=batch["input_ids"]).loss.backward()
+        inputs = {k: v.to(e.device) for k, v in batch.items()}
+        model(**inputs, labels=inputs["input_ids"]).loss.backward()
         return {n.replace(".default", ""): p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
     with e.use("m0", trainable=True):

@@ -48,6 +48,7 @@ def test_training_a_role_leaves_the_other_role_and_the_base_bit_identical(result
     assert result["m0_trained"]
     assert result["myx_bit_identical"], "myx changed while m0 trained"
     assert result["base_bit_identical"], "the 4-bit base changed during training"
+    assert result["embedding_bytes_identical"], "the shared embeddings changed (unsloth's fix_untrained_tokens?)"
 
 
 def test_only_the_active_role_is_trainable_after_switches(result):

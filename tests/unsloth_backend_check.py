@@ -1,7 +1,8 @@
 """The engine's unsloth backend, end to end on the tiny 4-bit Llama. Run by test_unsloth_backend.py in its
 own process, because importing unsloth patches transformers and trl for the whole process.
 
-Usage: python tests/unsloth_backend_check.py MODEL_DIR WORK_DIR
+Usage: python tests/unsloth_backend_check.py MODEL_DIR WORK_DIR [DTYPE]   (DTYPE: model.dtype, default auto)
+On CUDA (tests/test_gpu.py) it checks the same isolation there; the tolerances are the caller's.
 Prints one line `RESULT {json}` as the last line of stdout; the pytest side asserts on it.
 """
 
@@ -30,12 +31,14 @@ from minibt.recipe import LoraSection, ModelSection, TrainSection  # noqa: E402
 from test_engine import _lora_grads_vs_dequantized_reference, lora_state, pairs  # noqa: E402
 
 
-def main(model_dir: str, work: str) -> dict:
+def main(model_dir: str, work: str, dtype: str = "auto") -> dict:
     import bitsandbytes as bnb
 
     out: dict = {"import_seconds": round(t_import, 1)}
-    e = Engine.load(ModelSection(name=model_dir, backend="unsloth", quantization="nf4", max_length=128), LoraSection(r=8, alpha=16), seed=0)
+    e = Engine.load(ModelSection(name=model_dir, backend="unsloth", quantization="nf4", max_length=128, dtype=dtype),
+                    LoraSection(r=8, alpha=16), seed=0)
     out["backend"] = e.backend
+    out["device"], out["dtype"] = e.device.type, str(e.dtype).removeprefix("torch.")
     out["peft_model"] = type(e.model).__name__
     quantized = [m for m in e.model.modules() if isinstance(m, bnb.nn.Linear4bit)]
     out["linear4bit"] = len(quantized)
@@ -44,6 +47,8 @@ def main(model_dir: str, work: str) -> dict:
     steps = TrainSection(epochs=1, max_steps=10, batch_size=8, learning_rate=5e-3, warmup_ratio=0.0)
     out["train"] = {}
     base_before = {k: v.clone() for k, v in e.model.state_dict().items() if "lora_" not in k}
+    embeddings = e.model.get_base_model().get_input_embeddings().weight
+    embedding_bytes = embeddings.detach().cpu().view(torch.uint8).numpy().tobytes()  # fix_untrained_tokens runs on CUDA
     out["train"]["myx"] = e.train("myx", pairs(e), steps, os.path.join(work, "myx"))["train_loss"]
     myx_before = lora_state(e, "myx")
     out["train"]["m0"] = e.train("m0", pairs(e), steps, os.path.join(work, "m0"))["train_loss"]
@@ -52,6 +57,7 @@ def main(model_dir: str, work: str) -> dict:
     out["myx_bit_identical"] = all(torch.equal(myx_before[k], myx_after[k]) for k in myx_before) and bool(myx_before)
     base_after = {k: v for k, v in e.model.state_dict().items() if "lora_" not in k}
     out["base_bit_identical"] = all(torch.equal(base_before[k], base_after[k]) for k in base_before)
+    out["embedding_bytes_identical"] = embeddings.detach().cpu().view(torch.uint8).numpy().tobytes() == embedding_bytes
     out["m0_trained"] = any(not torch.equal(v, torch.zeros_like(v)) for k, v in lora_state(e, "m0").items() if "lora_B" in k)
 
     errors = []
@@ -80,7 +86,7 @@ def main(model_dir: str, work: str) -> dict:
     e.delete_adapter("m0_again")
     out["adapters_after_delete"] = e.adapters
 
-    out["lora_grad_rel_error"] = _lora_grads_vs_dequantized_reference(model_dir, backend="unsloth")
+    out["lora_grad_rel_error"] = _lora_grads_vs_dequantized_reference(model_dir, backend="unsloth", dtype=dtype)
     out["lora_grad_rel_error_unguarded"] = _unguarded_grad_error(model_dir)
     out["seconds"] = round(time.time() - t_start, 1)
     return out
@@ -102,5 +108,5 @@ def _unguarded_grad_error(model_dir: str) -> float | None:
 
 
 if __name__ == "__main__":
-    result = main(sys.argv[1], sys.argv[2])
+    result = main(*sys.argv[1:4])
     print("RESULT " + json.dumps(result), flush=True)
