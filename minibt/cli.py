@@ -90,6 +90,30 @@ def run(recipe_path: Path, overrides: tuple[str, ...], out: Path | None, dry_run
     click.echo(summary(rd))
 
 
+@main.command()
+@click.argument("recipe_path", metavar="RECIPE", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("overrides", nargs=-1, metavar="[section.key=value]...")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Run directory (default: runs/<recipe name>).")
+@click.option("--fresh", is_flag=True, help="Delete the run directory first instead of resuming it.")
+@_friendly
+def prepare(recipe_path: Path, overrides: tuple[str, ...], out: Path | None, fresh: bool) -> None:
+    """Only the prepare stage, no model loaded: data/seed.jsonl and data/corpus.jsonl, with the counts
+    per filter. `minibt run` on the same folder goes on from there."""
+    from minibt.pipeline import prepare_only
+    from minibt.recipe import load_recipe
+    from minibt.recipes import resolve
+    from minibt.stages.prepare import format_counts
+
+    recipe = load_recipe(resolve(recipe_path), overrides)
+    out = out or Path("runs") / recipe.run.name
+    _setup()
+    rd, ran = prepare_only(recipe, out, fresh=fresh)
+    entry = rd.manifest["stages"]["prepare"]
+    done = f"done in {entry['seconds']:.1f}s" if ran else "already done (the counts from its manifest)"
+    click.echo(f"prepare: {done}; files in {rd.path / 'data'}; `minibt run` with the same recipe and --out goes on from here")
+    click.echo("\n".join(format_counts(recipe, entry.get("counts", {}))))
+
+
 def summary(rd) -> str:
     """A few lines: what each stage kept, and the toy world's metrics when there are any."""
     lines = [f"run: {rd.path}  (base loaded {rd.manifest.get('base_loads', '?')}x, backend {rd.manifest.get('backend', '?')})"]

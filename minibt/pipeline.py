@@ -48,6 +48,26 @@ def run(recipe: Recipe, out: str | Path, fresh: bool = False) -> RunDir:
     return rd
 
 
+def prepare_only(recipe: Recipe, out: str | Path, fresh: bool = False) -> tuple[RunDir, bool]:
+    """`minibt prepare`: the run directory and its prepare stage, as `run` starts them, and whether the
+    stage ran now (False: done before). No model loads; a later `run` on the folder goes on from here."""
+    rd = RunDir.create(out, recipe, fresh=fresh)
+    try:
+        return rd, prepare_stage(rd, recipe)
+    finally:
+        rd.unlock()
+
+
+def prepare_stage(rd: RunDir, recipe: Recipe) -> bool:
+    """data/seed.jsonl and data/corpus.jsonl (and the toy world's files), recorded in the manifest;
+    True if it ran now, False if it was done already."""
+    if rd.done("prepare"):
+        return False
+    with rd.stage("prepare", outputs(rd, "prepare")) as counts:
+        counts.update(prepare(rd, recipe))
+    return True
+
+
 def outputs(rd: RunDir, stage: str) -> list[Path]:
     """The files `stage` leaves for later ones: their rows and sha256 are recorded when it finishes and
     checked before they are used again (RunDir.done)."""
@@ -65,9 +85,7 @@ def outputs(rd: RunDir, stage: str) -> list[Path]:
 
 def run_stages(rd: RunDir, recipe: Recipe) -> None:
     """Every stage of `plan(recipe)` not done yet, in order, in the locked run directory `rd`."""
-    if not rd.done("prepare"):
-        with rd.stage("prepare", outputs(rd, "prepare")) as counts:
-            counts.update(prepare(rd, recipe))
+    prepare_stage(rd, recipe)
     if all(rd.done(stage) for stage in plan(recipe)):
         return  # nothing left to do: don't load the base for nothing
     seed = io.read_jsonl(rd.data("seed"))
