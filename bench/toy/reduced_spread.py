@@ -32,6 +32,7 @@ METRICS = ("backward_accuracy", "augmented_correct_share", "curated_correct_shar
 
 
 def test_module():
+    sys.path.insert(0, str(TEST_FILE.parent))  # the test imports tests/toy/reduced_world.py, as pytest lets it
     spec = importlib.util.spec_from_file_location("test_toy_run", TEST_FILE)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -8,66 +8,18 @@ check happens before.
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import os
-from pathlib import Path
 
 import pytest
-import yaml
 from click.testing import CliRunner
+from reduced_world import run_toy, small_recipe  # tests/toy is on sys.path (pytest's prepend import mode)
 
 from minibt.cli import main
 from minibt.toy.evaluate import claims
-from minibt.toy.world import small_world_config
-
-TRAIN = {"batch_size": 16, "learning_rate": 2.0e-3, "warmup_ratio": 0.0}
-
-
-def small_recipe(**sections) -> dict:
-    recipe = {
-        "run": {"name": "toy-small", "seed": 0, "threads": 1},
-        "model": {"backend": "transformers", "quantization": "nf4", "max_length": 128},
-        "lora": {"r": 32, "alpha": 64},
-        "backward": {**TRAIN, "max_steps": 80},
-        "augment": {"max_new_tokens": 24, "batch_size": 64, "shard_size": 1024},
-        "curate": {"method": "likelihood", "threshold": 0.5, "batch_size": 64, "shard_size": 2048},
-        "forward": {**TRAIN, "max_steps": 60},
-        "toy": dataclasses.asdict(small_world_config()),
-    }
-    for key, values in sections.items():
-        recipe[key] = {**recipe[key], **values}
-    return recipe
 
 
 @pytest.fixture(scope="module")
-def toy_cache(tmp_path_factory):
-    """MINIBT_CACHE for this module: the caller's when set (CI caches it per run), else a temp dir."""
-    old = os.environ.get("MINIBT_CACHE")
-    if not old:
-        os.environ["MINIBT_CACHE"] = str(tmp_path_factory.mktemp("minibt-cache"))
-    yield os.environ["MINIBT_CACHE"]
-    if old is None:
-        os.environ.pop("MINIBT_CACHE", None)
-
-
-def run_toy(root: Path, name: str, recipe: dict) -> dict:
-    path = root / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    result = CliRunner().invoke(main, ["run", str(path), "--out", str(root / name)])
-    assert result.exit_code == 0, result.output + repr(result.exception)
-    assert "forward accuracy (held-out)" in result.output  # the readable summary
-    return json.loads((root / name / "metrics.json").read_text())
-
-
-@pytest.fixture(scope="module")
-def good_run(toy_cache, tmp_path_factory) -> tuple[Path, dict]:
-    root = tmp_path_factory.mktemp("toy-run")
-    return root / "good", run_toy(root, "good", small_recipe())
-
-
-@pytest.fixture(scope="module")
-def good(good_run) -> dict:
+def good(good_run) -> dict:  # good_run, toy_cache: tests/toy/conftest.py, shared with test_inference.py
     return good_run[1]
 
 
