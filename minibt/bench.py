@@ -520,7 +520,9 @@ def build_random_model(name: str, tokenizer_dir: str, out_dir: Path) -> str:
 
 
 def default_recipe_path() -> Path:
-    return Path(__file__).resolve().parent.parent / "recipes" / "toy.yaml"
+    from minibt.recipes import builtin_path
+
+    return builtin_path("toy")  # shipped in the package: an installed minibt benches without a clone
 
 
 def run_bench(settings: Settings, recipe_path: str | os.PathLike | None = None, overrides: Sequence[str] = (),

@@ -59,12 +59,14 @@ def main() -> None:
 @click.option("--fresh", is_flag=True, help="Delete the run directory first instead of resuming it.")
 @_friendly
 def run(recipe_path: Path, overrides: tuple[str, ...], out: Path | None, dry_run: bool, fresh: bool) -> None:
-    """Run the whole method from a recipe. Rerunning resumes: finished stages are skipped."""
+    """Run the whole method from a recipe (a file, or a built-in by name: `minibt recipes` lists them).
+    Rerunning resumes: finished stages are skipped."""
     import yaml
 
     from minibt.recipe import load_recipe
+    from minibt.recipes import resolve
 
-    recipe = load_recipe(recipe_path, overrides)
+    recipe = load_recipe(resolve(recipe_path), overrides)
     out = out or Path("runs") / recipe.run.name
     from minibt.pipeline import plan
 
@@ -320,7 +322,7 @@ def export(run_dir: Path, adapter: str, out: Path | None, dtype: str, adapter_on
 @click.option("--quick", is_flag=True, help="CPU, toy world, a few minutes: the figures in README's Speed section.")
 @click.option("--json", "as_json", is_flag=True, help="Print ONE JSON object (every figure) as the last line.")
 @click.option("--recipe", "recipe_path", type=click.Path(dir_okay=False), default=None,
-              help="A recipe with a `toy` section (default: recipes/toy.yaml).")
+              help="A recipe with a `toy` section: a file or a built-in name (default: the built-in toy).")
 @click.option("--set", "overrides", multiple=True, metavar="section.key=value", help="Recipe overrides (repeatable).")
 @click.option("--gpu-config", type=click.Choice(["llama-3.2-1b", "llama-3.1-8b"]), default=None,
               help="GPU only: a random-weight Llama of this real shape instead of the toy base (bench/gpu.md).")
@@ -334,8 +336,34 @@ def bench(quick: bool, as_json: bool, recipe_path: str | None, overrides: tuple[
     if as_json:
         logging.getLogger().setLevel(logging.WARNING)
     from minibt.bench import main as bench_main
+    from minibt.recipes import resolve
 
+    recipe_path = str(resolve(recipe_path)) if recipe_path else None
     bench_main(quick, as_json, recipe_path, overrides, gpu_config, backend, out)
+
+
+@main.group(invoke_without_command=True)
+@click.pass_context
+def recipes(ctx: click.Context) -> None:
+    """List the built-in recipes (`minibt run NAME` runs one; `minibt recipes copy NAME` writes one out to edit)."""
+    if ctx.invoked_subcommand is None:
+        from minibt import recipes as builtin
+
+        for name in builtin.names():
+            click.echo(f"{name:<10} {builtin.summary(name)}")
+
+
+@recipes.command(name="copy")
+@click.argument("name")
+@click.argument("dest", required=False, type=click.Path(path_type=Path))
+@click.option("--force", is_flag=True, help="Replace an existing file.")
+@_friendly
+def copy_recipe(name: str, dest: Path | None, force: bool) -> None:
+    """Write built-in recipe NAME to DEST (a file or a folder; default: ./NAME.yaml) to edit and run."""
+    from minibt import recipes as builtin
+
+    path = builtin.copy(name, dest, force=force)
+    click.echo(f"wrote {path}; run it with: minibt run {path}")
 
 
 if __name__ == "__main__":

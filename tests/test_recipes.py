@@ -1,5 +1,6 @@
 """The shipped recipes dry-run clean (plan and memory estimate, nothing loaded, no network), say what
-the paper says where they claim to, and the Colab notebook is valid and runs README's commands."""
+the paper says where they claim to, run by name (`minibt run toy`), list and copy out, and the Colab
+notebook is valid and runs README's commands."""
 
 from __future__ import annotations
 
@@ -10,13 +11,14 @@ import pytest
 from click.testing import CliRunner
 
 import minibt.memory as memory
+from minibt import recipes as builtin
 from minibt.cli import main
 from minibt.memory import GiB, estimate
 from minibt.pipeline import plan
 from minibt.recipe import load_recipe
 
 ROOT = Path(__file__).parent.parent
-RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
+RECIPES = [builtin.builtin_path(name) for name in builtin.names()]  # minibt/recipes/*.yaml, package data
 REAL = ["colab-t4.yaml", "gpu-24gb.yaml", "paper.yaml"]
 NOTEBOOK = ROOT / "notebooks" / "minibt_colab.ipynb"
 
@@ -60,13 +62,13 @@ def test_dry_run_prints_plan_and_estimate_and_loads_nothing(path, nothing_loads,
 def test_real_recipes_fit_their_card_by_the_estimate(name, gib, monkeypatch):
     """The named card's usable memory (T4: ~15 GiB; 24 GB cards: ~23.5) holds the worst-case estimate."""
     monkeypatch.setattr(memory, "load_config", lambda *a: None)
-    est = estimate(load_recipe(ROOT / "recipes" / name))
+    est = estimate(load_recipe(builtin.builtin_path(name)))
     assert est.shape is not None and est.peak.total < gib * GiB
 
 
 @pytest.mark.parametrize("name", REAL)
 def test_real_recipes_use_base_models_with_minibt_template(name):
-    r = load_recipe(ROOT / "recipes" / name)
+    r = load_recipe(builtin.builtin_path(name))
     assert "instruct" not in r.model.name.lower() and "chat" not in r.model.name.lower()  # base models, as the paper
     assert r.model.chat_template == "minibt"  # base repos ship instruct templates with untrained header tokens
     assert r.model.quantization == "nf4"
@@ -77,16 +79,87 @@ def test_real_recipes_use_base_models_with_minibt_template(name):
 
 
 def test_colab_recipe_fits_a_t4():
-    r = load_recipe(ROOT / "recipes" / "colab-t4.yaml")
+    r = load_recipe(builtin.builtin_path("colab-t4"))
     assert r.model.dtype in ("float16", "auto")  # a T4 has no bfloat16
     assert 10_000 <= r.corpus.limit < 100_000
 
 
 def test_paper_recipe_is_the_papers():
-    r = load_recipe(ROOT / "recipes" / "paper.yaml")
+    r = load_recipe(builtin.builtin_path("paper"))
     assert r.forward.rounds == 2
     assert (r.curate.method, r.curate.score, r.curate.threshold) == ("rubric", "argmax", 5.0)
     assert plan(r)[-4:] == ["curate_r1", "m1", "curate_r2", "m2"]
+
+
+# --- built-in recipes by name ---------------------------------------------------------------
+
+
+def test_the_builtins_are_the_shipped_recipes_and_the_clone_sees_them_at_recipes():
+    assert builtin.names() == ["colab-t4", "gpu-24gb", "paper", "toy"]
+    assert (ROOT / "recipes").resolve() == builtin.FOLDER.resolve()  # README's recipes/toy.yaml, from a clone
+
+
+def test_run_takes_a_builtin_by_name(nothing_loads, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no recipes/ here: the name alone finds it
+    result = CliRunner().invoke(main, ["run", "toy", "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert "\nrun directory: runs/toy\n" in result.output  # the run is named after the built-in
+    assert "stages: " + " -> ".join(plan(load_recipe(builtin.builtin_path("toy")))) in result.output
+
+
+def test_a_file_beats_a_builtin_of_the_same_name(nothing_loads, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "toy.yaml").write_text(builtin.builtin_path("toy").read_text().replace("name: toy", "name: mine"))
+    result = CliRunner().invoke(main, ["run", "toy.yaml", "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert "run directory: runs/mine" in result.output
+
+
+@pytest.mark.parametrize("arg, hint", [("toyy", ""), ("elsewhere/toy.yaml", "; did you mean the built-in 'toy'?")])
+def test_neither_a_file_nor_a_builtin_is_one_line_listing_the_builtins(arg, hint, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(main, ["run", arg, "--dry-run"])
+    assert result.exit_code == 2
+    assert result.output == (f"error: {arg}: no such recipe file, and not a built-in recipe (built-ins: colab-t4, "
+                             f"gpu-24gb, paper, toy; `minibt recipes` lists them){hint}\n")
+
+
+def test_minibt_recipes_lists_each_with_its_first_comment_line():
+    result = CliRunner().invoke(main, ["recipes"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert [line.split()[0] for line in lines] == builtin.names()
+    toy_line = next(line for line in lines if line.startswith("toy "))
+    first_comment = builtin.builtin_path("toy").read_text().splitlines()[0].lstrip("# ")
+    assert toy_line.split(None, 1)[1] == first_comment
+
+
+def test_minibt_recipes_copy_writes_one_out_and_keeps_an_existing_file(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    runner = CliRunner()
+    shipped = builtin.builtin_path("toy").read_text()
+    result = runner.invoke(main, ["recipes", "copy", "toy"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "toy.yaml").read_text() == shipped and "minibt run toy.yaml" in result.output
+    (tmp_path / "toy.yaml").write_text("# my edits\n")
+    again = runner.invoke(main, ["recipes", "copy", "toy"])
+    assert again.exit_code == 2 and again.output == "error: toy.yaml: already exists (--force replaces it)\n"
+    assert (tmp_path / "toy.yaml").read_text() == "# my edits\n"
+    assert runner.invoke(main, ["recipes", "copy", "toy", "--force"]).exit_code == 0
+    assert (tmp_path / "toy.yaml").read_text() == shipped
+    (tmp_path / "mine").mkdir()
+    assert runner.invoke(main, ["recipes", "copy", "paper", "mine"]).exit_code == 0  # into a folder
+    assert runner.invoke(main, ["recipes", "copy", "paper.yaml", "mine/p2.yaml"]).exit_code == 0  # to a file
+    assert (tmp_path / "mine" / "paper.yaml").read_text() == (tmp_path / "mine" / "p2.yaml").read_text() \
+        == builtin.builtin_path("paper").read_text()
+    unknown = runner.invoke(main, ["recipes", "copy", "nope"])
+    assert unknown.exit_code == 2 and "nope: not a built-in recipe (built-ins: colab-t4, gpu-24gb, paper, toy)" in unknown.output
+
+
+def test_the_bench_default_recipe_is_the_builtin_toy():
+    from minibt.bench import default_recipe_path
+
+    assert default_recipe_path() == builtin.builtin_path("toy")
 
 
 # --- the notebook ---------------------------------------------------------------------------
