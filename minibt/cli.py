@@ -160,8 +160,13 @@ def chat(run_dir: Path, adapter: str, max_new_tokens: int | None, temperature: f
         if line.strip() in ("/exit", "/quit"):
             break
         if line.startswith("/adapter"):
-            adapter = line.split(maxsplit=1)[1].strip() if " " in line.strip() else adapter
-            session.attach(adapter)
+            wanted = line.split(maxsplit=1)[1].strip() if " " in line.strip() else adapter
+            try:
+                session.attach(wanted)
+            except MinibtError as e:  # a typo must not end the conversation
+                click.echo(f"{e}; still talking to {adapter}")
+                continue
+            adapter = wanted
             click.echo(f"now talking to {adapter}")
             continue
         if line.strip() == "/reset":

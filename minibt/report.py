@@ -35,6 +35,16 @@ def _nonzero(counts: dict[str, Any], skip: Sequence[str]) -> str:
     return ", ".join(parts)
 
 
+def _read_label(src: str, v: dict[str, Any]) -> str:
+    """What the prepare stage read: rows (messages for oasst), documents, passages after segmentation."""
+    read = v.get("read", "?")
+    if src == "seed":
+        return f"{read} messages read, {v['trees']} trees" if "trees" in v else f"{read} rows read"
+    docs, passages = v.get("documents", read), v.get("passages")
+    label = f"{docs} documents read" if docs == read else f"{read} rows read, {docs} documents"
+    return label + (f", segmented into {passages} passages" if passages not in (None, docs) else "")
+
+
 def describe_stage(name: str, counts: dict[str, Any]) -> str:
     """One line: what a stage read, kept and dropped (per filter, per threshold)."""
     c = counts or {}
@@ -42,12 +52,12 @@ def describe_stage(name: str, counts: dict[str, Any]) -> str:
         parts = []
         for src in ("seed", "corpus"):
             v = c.get(src)
-            if isinstance(v, dict):  # a real recipe: the loaders' counts
+            if isinstance(v, dict):  # a real recipe: the loaders' counts, each number named for what it counts
                 dropped = _nonzero(v, ("read", "kept", "documents", "passages", "trees"))
-                read = v.get("passages", v.get("read", "?"))
-                parts.append(f"{src}: {read} read -> {v.get('kept', '?')} kept" + (f" (dropped: {dropped})" if dropped else ""))
+                parts.append(f"{src}: {_read_label(src, v)} -> {v.get('kept', '?')} {'passages' if src == 'corpus' else 'pairs'} kept"
+                             + (f" (dropped: {dropped})" if dropped else ""))
             elif v is not None:  # the toy world: plain numbers
-                parts.append(f"{src}: {v}")
+                parts.append(f"{src}: {v} {'pairs' if src == 'seed' else 'texts'} from the toy world")
         if "noise_fraction" in c:
             parts.append(f"noise {c['noise_fraction']:.0%}")
         return "; ".join(parts)

@@ -38,8 +38,22 @@ def test_the_run_summary_counts_kept_and_dropped_per_filter_and_threshold(finish
     _, run, output = finished_run
     counts = RunDir.open(run).manifest["stages"]["curate_r1"]["counts"]
     assert f"{counts['kept']} kept (score >= 2.0), {counts['dropped']} dropped" in output
-    assert "corpus: 10 read -> 8 kept (dropped: too short 1, exact duplicates 1)" in output
+    assert "corpus: 10 documents read -> 8 passages kept (dropped: too short 1, exact duplicates 1)" in output
     assert f"report: {run / 'report.md'}" in output
+
+
+def test_the_prepare_line_names_what_each_number_counts():
+    """Documents read, passages after segmentation and passages kept are three different numbers."""
+    from minibt.report import describe_stage
+
+    corpus = {"read": 361, "bad_rows": 2, "documents": 359, "passages": 372, "too_short": 40, "near_duplicates": 32, "kept": 300}
+    seed = {"read": 9846, "bad_rows": 0, "skipped_deleted": 20, "trees": 1000, "filtered_lang": 400, "kept": 600}
+    line = describe_stage("prepare", {"seed": seed, "corpus": corpus})
+    assert ("corpus: 361 rows read, 359 documents, segmented into 372 passages -> 300 passages kept "
+            "(dropped: bad rows 2, too short 40, near duplicates 32)") in line
+    assert "seed: 9846 messages read, 1000 trees -> 600 pairs kept (dropped: skipped deleted 20, filtered lang 400)" in line
+    assert describe_stage("prepare", {"corpus": {**corpus, "read": 359, "bad_rows": 0}}).startswith(
+        "corpus: 359 documents read, segmented into 372 passages -> 300 passages kept")
 
 
 def test_minibt_report_rebuilds_it(finished_run):
