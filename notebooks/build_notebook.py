@@ -32,9 +32,11 @@ A rerun of the same command resumes: finished stages and shards are skipped.""")
     ("code", "!nvidia-smi"),
     ("md", """## Install
 
-minibt is installed from a clone of its repository, because the recipe lives in the repository's
-`recipes/` folder. The URL below is a **placeholder**: replace `OWNER` with the account that hosts
-minibt, or upload a local clone to `/content/minibt` and skip the `git clone` line.
+minibt is installed from a clone of its repository, so the recipe can be edited in place in `recipes/`.
+The recipes also ship inside the package: without a clone, `pip install "minibt[unsloth] @ git+URL"`
+and `minibt run colab-t4` run the same recipe (`minibt recipes copy colab-t4` writes it out to edit).
+The URL below is a **placeholder**: replace `OWNER` with the account that hosts minibt, or upload a
+local clone to `/content/minibt` and skip the `git clone` line.
 `pip` may replace Colab's torch with a version inside unsloth's range; restart the runtime if asked."""),
     ("code", """%cd /content
 !git clone https://github.com/OWNER/minibt.git  # placeholder URL: see above
