@@ -96,7 +96,7 @@ def test_paper_recipe_is_the_papers():
 
 def test_the_builtins_are_the_shipped_recipes_and_the_clone_sees_them_at_recipes():
     assert builtin.names() == ["colab-t4", "gpu-24gb", "paper", "toy"]
-    assert (ROOT / "recipes").resolve() == builtin.FOLDER.resolve()  # README's recipes/toy.yaml, from a clone
+    assert (ROOT / "recipes").resolve() == (ROOT / "minibt" / "recipes").resolve()  # README's recipes/toy.yaml, in a clone
 
 
 def test_run_takes_a_builtin_by_name(nothing_loads, tmp_path, monkeypatch):
