@@ -20,6 +20,7 @@ import re
 import shutil
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -690,7 +691,9 @@ class Engine:
 
     def _drop_placeholder(self) -> None:
         if _PLACEHOLDER in self.model.peft_config and len(self.model.peft_config) > 1:
-            self.model.delete_adapter(_PLACEHOLDER)
+            with warnings.catch_warnings():  # "Adapter default was active which is now deleted": by design
+                warnings.filterwarnings("ignore", message="Adapter default was active")
+                self.model.delete_adapter(_PLACEHOLDER)
             self._freeze_all()  # peft marks the adapter it activates trainable
 
 
