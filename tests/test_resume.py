@@ -1,19 +1,27 @@
-"""Nothing lost: a run killed with SIGKILL in different stages resumes to the same result."""
+"""Nothing lost: a run killed with SIGKILL in different stages, stopped by a full disk, or resumed on
+damaged files ends as the uninterrupted run does; a second run on a folder in use is refused."""
 
 from __future__ import annotations
 
+import itertools
 import json
+import logging
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+from click.testing import CliRunner
 
+from fault_injection import cut_last_line, drop_row, fill_disk, fill_disk_for_adapters, flip_bit
 from minibt import io
+from minibt.cli import main
 
 SEED = [
     {"instruction": f"What is the {a} of the {t}?", "output": f"The {a} of the {t} is {c}."}
@@ -42,10 +50,22 @@ forward: {{max_steps: 40, batch_size: 4, learning_rate: 1.0e-3, save_steps: 10}}
 """
 
 
+_launches = itertools.count()
+
+
 def start(root: Path, out: str) -> subprocess.Popen:
+    """`minibt run` in its own process; its output goes to a file (proc.log), read back by `output`."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "minibt.cli", "run", str(root / "r.yaml"), "--out", str(root / out)]
-    return subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = root / f"{out}.{next(_launches)}.log"
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=f, stderr=subprocess.STDOUT, text=True)
+    proc.log = log
+    return proc
+
+
+def output(proc: subprocess.Popen) -> str:
+    return proc.log.read_text()
 
 
 def manifest(out: Path) -> dict:
@@ -68,23 +88,32 @@ KILL_POINTS = {
 }
 
 
-def kill_when(proc: subprocess.Popen, ready, out: Path, timeout: float = 240) -> None:
+def kill_when(proc: subprocess.Popen, ready, out: Path, timeout: float = 240) -> str:
+    """SIGKILL `proc` once `ready(out)`; returns what it printed until then."""
     deadline = time.time() + timeout
     while not ready(out):
         if proc.poll() is not None:
-            raise AssertionError(f"the run ended before the kill point:\n{proc.stdout.read()[-3000:]}")
+            raise AssertionError(f"the run ended before the kill point:\n{output(proc)[-3000:]}")
         if time.time() > deadline:
             proc.kill()
             raise AssertionError("the kill point never came")
         time.sleep(0.02)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
+    return output(proc)
 
 
 def finish(proc: subprocess.Popen) -> str:
-    output, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 0, output[-3000:]
-    return output
+    proc.wait(timeout=300)
+    assert proc.returncode == 0, output(proc)[-3000:]
+    return output(proc)
+
+
+def lock_holder(out: Path) -> str:
+    try:
+        return (out / ".lock").read_text()
+    except FileNotFoundError:
+        return ""
 
 
 def results(out: Path) -> dict:
@@ -94,6 +123,7 @@ def results(out: Path) -> dict:
         "statuses": {name: s["status"] for name, s in stages.items()},
         "counts": counts,
         "curated": [(r["id"], r["instruction"], r["score"]) for r in io.read_jsonl(out / "data" / "curated_r1.jsonl")],
+        "adapters": {p.parent.name: io.digest(p)["sha256"] for p in sorted((out / "adapters").glob("*/adapter_model.safetensors"))},
     }
 
 
@@ -106,36 +136,120 @@ def root(tiny_model_dir, tmp_path_factory) -> Path:
     return root
 
 
-def test_sigkill_in_any_stage_then_rerun_gives_the_uninterrupted_result(root):
-    reference = start(root, "reference")
-    finish(reference)
+@pytest.fixture(scope="module")
+def reference_run(root) -> SimpleNamespace:
+    """The uninterrupted run (.out). While it ran, a second `minibt run` on its folder was tried (.second:
+    its exit code and output, whether the first still ran when it stopped, the first's pid)."""
+    first = start(root, "reference")
+    deadline = time.time() + 120
+    while not lock_holder(root / "reference").startswith(f"pid {first.pid} ") and first.poll() is None:
+        assert time.time() < deadline, "the run never took its folder's lock"
+        time.sleep(0.05)
+    second = start(root, "reference")
+    second.wait(timeout=120)
+    tried = (second.returncode, output(second), first.poll() is None, first.pid)
+    finish(first)
+    return SimpleNamespace(out=root / "reference", second=tried)
 
+
+@pytest.fixture(scope="module")
+def reference(reference_run) -> Path:
+    return reference_run.out
+
+
+def test_a_second_run_on_a_folder_in_use_is_refused_naming_the_first(reference_run):
+    code, said, first_was_running, first_pid = reference_run.second
+    assert first_was_running, "the first run ended before the second reached the lock: nothing was tested"
+    assert code == 2, said[-2000:]
+    (line,) = [x for x in said.splitlines() if x.startswith("error: ")]
+    assert f"is in use by pid {first_pid} on " in line and "--out" in line
+    assert "Loading weights" not in said, "refused before any model loads"
+
+
+def test_sigkill_in_any_stage_then_rerun_gives_the_uninterrupted_result(root, reference):
     out = root / "killed"
-    finished_before_kill = {}
+    finished_before_kill, logs = {}, []
     for point, ready in KILL_POINTS.items():
-        kill_when(start(root, "killed"), ready, out)
+        logs.append(kill_when(start(root, "killed"), ready, out))
         assert status(out, point) == "running"
         finished_before_kill.update({n: s["finished"] for n, s in manifest(out)["stages"].items() if s["status"] == "done"})
-    log = finish(start(root, "killed"))
+    log = finish(start(root, "killed"))  # a lock left by a SIGKILLed run never blocks the next one
 
-    assert "reused" in log or finished_before_kill  # shards or stages survived the kills
+    # each restart picked up what the kill before it left on disk: augment's shard, curation's shard, m1's checkpoint
+    assert re.search(r"augmented: reused [1-9]\d* finished shard\(s\) of 9", logs[1]), logs[1][-3000:]
+    assert re.search(r"scored_r1: reused [1-9]\d* finished shard\(s\) of 9", logs[2]), logs[2][-3000:]
     assert re.search(r"resuming m1 from step (10|20|30) ", log), "m1 did not resume from its checkpoint"
     assert not list((out / "work").glob("*/*checkpoint-*")), "checkpoints are deleted once their stage is done"
     stages = manifest(out)["stages"]
     for name, when in finished_before_kill.items():
         assert stages[name]["finished"] == when, f"{name} was redone although it had finished"
     assert manifest(out)["base_loads"] == 1
-    got, want = results(out), results(root / "reference")
+    got, want = results(out), results(reference)
     assert got["counts"] == want["counts"]
     assert got == want
 
 
-def test_same_seed_same_curated_set(root):
+def test_same_seed_same_curated_set(root, reference):
     """Reproducibility: two uninterrupted runs with the same recipe seed curate the same pairs."""
-    if not (root / "reference" / "manifest.json").exists():
-        finish(start(root, "reference"))
     finish(start(root, "again"))
-    assert results(root / "again") == results(root / "reference")
+    assert results(root / "again") == results(reference)
+
+
+def invoke_run(root: Path, out: Path):
+    return CliRunner().invoke(main, ["run", str(root / "r.yaml"), "--out", str(out)])
+
+
+def error_line(result) -> str:
+    (line,) = [x for x in result.output.splitlines() if x.startswith("error: ")]
+    return line
+
+
+def test_a_full_disk_stops_the_run_in_one_line_and_the_rerun_resumes(root, reference, monkeypatch):
+    out = root / "disk-full"
+    failed = fill_disk(monkeypatch, "00001.jsonl")  # the disk fills while augment writes its second shard
+    result = invoke_run(root, out)
+    assert result.exit_code == 2 and failed
+    assert f"{out / 'data' / 'augmented.shards' / '00001.jsonl'}: No space left on device" in error_line(result)
+    assert status(out, "augment") == "failed"
+    assert sorted(p.name for p in (out / "data" / "augmented.shards").iterdir()) == ["00000.jsonl"]
+    monkeypatch.undo()
+
+    failed = fill_disk_for_adapters(monkeypatch, "m0")  # space back, then full again while m0 is saved
+    result = invoke_run(root, out)
+    assert result.exit_code == 2 and failed
+    assert f"{out / 'adapters' / 'm0'}: No space left on device" in error_line(result)
+    assert status(out, "augment") == "done" and status(out, "m0") == "failed"
+    assert sorted(p.name for p in (out / "adapters").iterdir()) == ["myx"], "no half-saved m0, no temp folder"
+    weights = "adapters/myx/adapter_model.safetensors"
+    assert io.digest(out / weights) == io.digest(reference / weights), "myx, saved before the disk filled, is intact"
+    monkeypatch.undo()
+
+    result = invoke_run(root, out)
+    assert result.exit_code == 0, result.output[-3000:]
+    assert results(out) == results(reference)
+
+
+def test_damaged_files_found_on_resume_are_redone_never_used(root, reference, caplog):
+    out = root / "damaged"
+    shutil.copytree(reference, out)
+    drop_row(out / "data" / "corpus.jsonl", 5)
+    drop_row(out / "data" / "augmented.jsonl", 3)
+    flip_bit(out / "data" / "augmented.shards" / "00001.jsonl")
+    cut_last_line(out / "data" / "curated_r1.jsonl")
+    trained = {s: manifest(out)["stages"][s]["finished"] for s in ("backward", "m0", "m1")}
+
+    with caplog.at_level(logging.INFO, logger="minibt"):
+        result = invoke_run(root, out)
+    assert result.exit_code == 0, result.output[-3000:]
+    said = [r.getMessage() for r in caplog.records]
+    for redone in ("data/corpus.jsonl: 71 complete rows where 72 were written: redoing prepare",
+                   "data/augmented.jsonl: 71 complete rows where 72 were written: redoing augment",
+                   "augmented: shard 00001.jsonl: same size as written but different bytes (corrupted): redoing it",
+                   "augmented: reused 8 finished shard(s) of 9"):
+        assert redone in said, said
+    assert any(m.startswith("data/curated_r1.jsonl: ") and m.endswith("the last one cut short: redoing curate_r1") for m in said), said
+    assert {s: manifest(out)["stages"][s]["finished"] for s in trained} == trained, "no adapter was retrained"
+    assert results(out) == results(reference)
 
 
 def test_ctrl_c_stops_cleanly_and_says_how_to_resume(root):
@@ -146,9 +260,10 @@ def test_ctrl_c_stops_cleanly_and_says_how_to_resume(root):
     while not ready(out) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
     proc.send_signal(signal.SIGINT)
-    output, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 130, output[-2000:]
-    assert "rerun the same command to resume" in output and "Traceback" not in output
+    proc.wait(timeout=120)
+    said = output(proc)
+    assert proc.returncode == 130, said[-2000:]
+    assert "rerun the same command to resume" in said and "Traceback" not in said
     assert status(out, "augment") == "failed" and "KeyboardInterrupt" in manifest(out)["stages"]["augment"]["error"]
     finish(start(root, "interrupted"))
     assert status(out, "augment") == "done"
