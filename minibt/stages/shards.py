@@ -34,29 +34,28 @@ def map_shards(
     """
     folder = run.shards(name)
     n_shards = (len(rows) + shard_size - 1) // shard_size
-    out: list[dict[str, Any]] = []
-    reused, redone = 0, []
-    with tqdm(total=len(rows), desc=desc, unit="row", dynamic_ncols=True) as bar:
-        for k in range(n_shards):
-            path = folder / f"{k:05d}.jsonl"
-            part = rows[k * shard_size : (k + 1) * shard_size]
-            done, why = finished_shard(run, path, len(part))
-            if done is not None:
-                out.extend(done)
-                reused += 1
-                bar.update(len(part))
-                continue
-            if why:
-                redone.append(path.name)
-                run.tell(run.rel(path), f"{name}: shard {path.name}: {why}: redoing it")
-            result = fn(list(part), k, bar)
-            io.write_jsonl(path, result)
-            run.record(path)
-            out.extend(result)
+    parts = [rows[k * shard_size : (k + 1) * shard_size] for k in range(n_shards)]
+    paths = [folder / f"{k:05d}.jsonl" for k in range(n_shards)]
+    finished = [finished_shard(run, path, len(part)) for path, part in zip(paths, parts)]  # checked before any work
+    reused = sum(done is not None for done, _ in finished)
+    damaged = [path.name for path, (_, why) in zip(paths, finished) if why]
+    for path, (_, why) in zip(paths, finished):
+        if why:
+            run.tell(run.rel(path), f"{name}: shard {path.name}: {why}: redoing it")
     if reused:
         log.info("%s: reused %d finished shard(s) of %d", name, reused, n_shards)
-    if redone:
-        log.warning("%s: redid %d damaged shard(s): %s", name, len(redone), ", ".join(redone))
+    out: list[dict[str, Any]] = []
+    with tqdm(total=len(rows), desc=desc, unit="row", dynamic_ncols=True) as bar:
+        for k, (path, part, (done, _)) in enumerate(zip(paths, parts, finished)):
+            if done is None:
+                done = fn(list(part), k, bar)
+                io.write_jsonl(path, done)
+                run.record(path)
+            else:
+                bar.update(len(part))
+            out.extend(done)
+    if damaged:
+        log.warning("%s: redid %d damaged shard(s): %s", name, len(damaged), ", ".join(damaged))
     io.write_jsonl(run.data(name), out)
     return out
 
