@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime as dt
 import hashlib
 import json
 import os
@@ -100,7 +101,11 @@ def durable(out: Path, stage: str | None, started: float | None) -> dict:
     and when the last of them (or the stage's start) was written."""
     info: dict = {}
     last = started
-    shard_dir = {"augment": "augmented"}.get(stage or "", f"scored_r{stage[8:]}" if stage and stage.startswith("curate_r") else None)
+    shard_dir = None
+    if stage == "augment":
+        shard_dir = "augmented"
+    elif stage and stage.startswith("curate_r"):
+        shard_dir = "scored_r" + stage.removeprefix("curate_r")
     if shard_dir:
         shards = sorted((out / "data" / f"{shard_dir}.shards").glob("*.jsonl"))
         info["shards_on_disk"] = len(shards)
@@ -117,8 +122,6 @@ def durable(out: Path, stage: str | None, started: float | None) -> dict:
 
 
 def _epoch(iso: str) -> float:
-    import datetime as dt
-
     return dt.datetime.fromisoformat(iso).timestamp()
 
 
