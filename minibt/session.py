@@ -23,7 +23,7 @@ from minibt.engine import BASE, MIN_NEW_TOKENS, Engine, import_backend
 from minibt.errors import MinibtError
 from minibt.rundir import RunDir
 from minibt.stages.backward import MYX, backward_prompt
-from minibt.stages.curate import score_pairs
+from minibt.stages.curate import round_threshold, score_pairs
 from minibt.stages.forward import forward_prompt
 
 
@@ -118,11 +118,8 @@ class Session:
         return scored[0] if single else scored
 
     def _threshold(self, curator: str) -> float:
-        """The threshold of the round `curator` curated (calibrated ones are in the manifest), else the recipe's."""
-        rounds = {"m0": 1, **{f"m{k}": k + 1 for k in range(1, self.recipe.forward.rounds)}}
-        counts = self.run.manifest.get("stages", {}).get(f"curate_r{rounds.get(curator, 1)}", {}).get("counts", {})
-        t = counts.get("threshold")
-        return float(t) if isinstance(t, (int, float)) else self.recipe.curate.threshold
+        """The threshold of the round `curator` curated: m0 curates round 1, m_k round k + 1."""
+        return round_threshold(self.run, self.recipe, int(curator[1:]) + 1 if curator[1:].isdigit() else 1)
 
 
 def open_run(path: str | Path, adapters: Iterable[str] | None = None) -> Session:

@@ -109,6 +109,13 @@ def curate(run: RunDir, engine: Engine, recipe: Recipe, round_: int, curator: st
     return counts
 
 
+def round_threshold(run: RunDir, recipe: Recipe, round_: int) -> float:
+    """The threshold round k applied: the manifest's (a calibrated one differs from the recipe's), else the recipe's."""
+    counts = run.manifest.get("stages", {}).get(f"curate_r{round_}", {}).get("counts", {})
+    t = counts.get("threshold")
+    return float(t) if isinstance(t, (int, float)) else recipe.curate.threshold
+
+
 GOOD_RATING = 4  # calibration: pairs rated >= this are the good class
 
 

@@ -13,6 +13,7 @@ from minibt.engine import Engine
 from minibt.recipe import Recipe
 from minibt.rundir import RunDir
 from minibt.stages.backward import MYX, backward_prompt
+from minibt.stages.curate import round_threshold
 from minibt.stages.forward import forward_prompt
 from minibt.toy import metrics
 
@@ -33,13 +34,6 @@ def forward_answers(engine: Engine, recipe: Recipe, adapter: str, questions: lis
 
 def forward_accuracy(engine: Engine, recipe: Recipe, adapter: str, questions: list[dict[str, Any]]) -> float:
     return metrics.forward_accuracy(forward_answers(engine, recipe, adapter, questions), questions)
-
-
-def _threshold(rd: RunDir, recipe: Recipe, k: int) -> float:
-    """The threshold round k applied (the manifest's: a calibrated one differs from the recipe's)."""
-    counts = rd.manifest.get("stages", {}).get(f"curate_r{k}", {}).get("counts", {})
-    t = counts.get("threshold")
-    return float(t) if isinstance(t, (int, float)) else recipe.curate.threshold
 
 
 def evaluate_toy(rd: RunDir, engine: Engine, recipe: Recipe) -> dict[str, Any]:
@@ -65,7 +59,7 @@ def evaluate_toy(rd: RunDir, engine: Engine, recipe: Recipe) -> dict[str, Any]:
     }
     for k in range(1, rounds + 1):
         scored = io.read_jsonl(rd.data(f"scored_r{k}"))
-        threshold = _threshold(rd, recipe, k)
+        threshold = round_threshold(rd, recipe, k)
         kept = [r["score"] is not None and r["score"] >= threshold for r in scored]
         precision, recall = metrics.curation_precision_recall(scored, kept)
         suffix = "" if k == 1 else f"_r{k}"
