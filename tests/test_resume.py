@@ -255,10 +255,13 @@ def test_damaged_files_found_on_resume_are_redone_never_used(root, reference, ca
 def test_ctrl_c_stops_cleanly_and_says_how_to_resume(root):
     proc = start(root, "interrupted")
     out = root / "interrupted"
-    ready = KILL_POINTS["augment"]
+    # any moment of augment (its whole stage, not just after a shard: a loaded CI machine once missed that
+    # window); polling fast, since the poller shares two cores with the run
     deadline = time.time() + 240
-    while not ready(out) and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
+    while status(out, "augment") != "running":
+        assert proc.poll() is None, f"the run ended before augment was seen running:\n{output(proc)[-3000:]}"
+        assert time.time() < deadline, "augment never started"
+        time.sleep(0.005)
     proc.send_signal(signal.SIGINT)
     proc.wait(timeout=120)
     said = output(proc)
