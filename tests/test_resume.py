@@ -59,7 +59,10 @@ def start(root: Path, out: str) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "minibt.cli", "run", str(root / "r.yaml"), "--out", str(root / out)]
     log = root / f"{out}.{next(_launches)}.log"
     with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=f, stderr=subprocess.STDOUT, text=True)
+        # SIGINT as a terminal gives it: a shell that starts jobs in the background leaves SIGINT ignored,
+        # and Python then installs no KeyboardInterrupt handler (so Ctrl-C would do nothing)
+        proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=f, stderr=subprocess.STDOUT, text=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     proc.log = log
     return proc
 
