@@ -12,13 +12,13 @@ from typing import Callable, Optional
 from minibt import prompts
 from minibt.prompts import CHAT_TEMPLATE
 from minibt.recipe import Recipe
+from minibt.stages.curate import RUBRIC_ANSWER_ROOM
 
 CHARS_PER_TOKEN = 4  # English text with a modern BPE, for when the tokenizer is not at hand
-RUBRIC_SCORE_ROOM = 8  # "Score: N" and EOS after the rubric (stages/curate.py RUBRIC_ANSWER_ROOM)
 
 
-def _counter(recipe: Recipe) -> tuple[Callable[[str], int], bool]:
-    """(count tokens of a rendered prompt, exact?)."""
+def _counter(recipe: Recipe) -> tuple[Callable[[prompts.Messages], int], bool]:
+    """(count the tokens of messages rendered as a generation prompt, exact?)."""
     try:
         from transformers import AutoTokenizer
 
@@ -53,7 +53,7 @@ def fit_notes(recipe: Recipe) -> list[str]:
     cfg = recipe.curate
     if cfg.method == "rubric":
         rubric = count(prompts.rubric_messages("", ""))
-        answer = cfg.reasoning_tokens if cfg.mode == "generate" else RUBRIC_SCORE_ROOM
+        answer = cfg.reasoning_tokens if cfg.mode == "generate" else RUBRIC_ANSWER_ROOM
         room = context - rubric - answer
         what = f"curate.reasoning_tokens={cfg.reasoning_tokens}" if cfg.mode == "generate" else "the score"
         if room < recipe.augment.max_new_tokens + passage_tokens:

@@ -520,11 +520,8 @@ class Engine:
         from transformers import DynamicCache
 
         eos = self.tokenizer.eos_token_id
-        shared, head_cache = head  # `ids` are the rows after a shared head of `shared` tokens (`_shared_head`)
-        cache = _repeat_cache(head_cache, ids.shape[0]) if shared else DynamicCache()
-        positions = (mask.cumsum(-1) - 1).clamp(min=0) + shared
-        if shared:  # pads sit between the head and each row's rest: masked out, positions still exact
-            mask = torch.cat([mask.new_ones(ids.shape[0], shared), mask], dim=1)
+        mask, positions, cache = _after_head(mask, head)  # `ids` are the rows after the head (`_shared_head`)
+        cache = cache if cache is not None else DynamicCache()
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
                          use_cache=True, **self._last_logits_only())
         position = positions[:, -1:]
@@ -606,13 +603,9 @@ class Engine:
         head: list[tuple[int, Any]] = []  # the rubric, the same text before every pair (`_shared_head`)
 
         def step(_: int, idx: list[int]) -> None:
-            shared, head_cache = head[0]
-            input_ids, mask = self._left_pad([encoded[i][shared:] for i in idx])
-            position_ids = (mask.cumsum(-1) - 1).clamp(min=0) + shared
-            extra: dict[str, Any] = {}
-            if shared:  # pads sit between the prefix and each suffix: masked out, positions still exact
-                extra["past_key_values"] = _repeat_cache(head_cache, len(idx))
-                mask = torch.cat([mask.new_ones(len(idx), shared), mask], dim=1)
+            input_ids, mask = self._left_pad([encoded[i][head[0][0]:] for i in idx])
+            mask, position_ids, cache = _after_head(mask, head[0])
+            extra = {"past_key_values": cache} if cache is not None else {}
             # only the last position's logits: the LM head over every prompt position is wasted work
             # (with a 128k vocabulary, [batch, 1024, 128256] fp32 logits alone are 8 GB at batch 16);
             # use_cache=False: no cache of these rows is reused (a head cache given is still read)
@@ -726,6 +719,18 @@ def _common_prefix(seqs: Sequence[Sequence[int]]) -> int:
             k += 1
         n = k
     return max(n, 0)
+
+
+def _after_head(mask: torch.Tensor, head: tuple[int, Any]) -> tuple[torch.Tensor, torch.Tensor, Any]:
+    """(attention mask, position ids, KV cache or None) for left-padded rows that follow a shared head
+    (`Engine._shared_head`): the pads sit between the head and each row's rest, masked out, and the
+    positions stay exact. Without a head: the mask as it is, its positions, no cache."""
+    shared, head_cache = head
+    positions = (mask.cumsum(-1) - 1).clamp(min=0) + shared
+    if not shared:
+        return mask, positions, None
+    rows = mask.shape[0]
+    return torch.cat([mask.new_ones(rows, shared), mask], dim=1), positions, _repeat_cache(head_cache, rows)
 
 
 def _repeat_cache(cache: Any, n: int) -> Any:
