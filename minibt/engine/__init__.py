@@ -74,6 +74,8 @@ def compute_dtype(name: str) -> torch.dtype:
 class Engine:
     """The base model and its adapters. Build it with `Engine.load(model_section, lora_section)`."""
 
+    name = "hf"  # the inference engine (`interface.Inference`): transformers + peft, minibt's decode loop
+
     def __init__(self, model: Any, tokenizer: Any, backend: str, model_cfg: ModelSection, lora: LoraSection, seed: int):
         self.model = model  # a peft PeftModel wrapping the one base
         self.tokenizer = tokenizer
