@@ -59,6 +59,19 @@ def rubric_messages(instruction: str, output: str) -> Messages:
     return [{"role": "user", "content": RUBRIC.format(instruction=instruction, output=output)}]
 
 
+# Response rewriting (Back-and-Forth Translation, Nguyen et al. 2024): minibt's own short wording, not
+# the paper's prompt; it goes in the user turn of a forward prompt (with the seed tag when tags are on).
+# Short, because the toy world's context is 128 tokens.
+REWRITE = """{instruction}
+
+Answer it as an AI Assistant, with the content of this text:
+{text}"""
+
+
+def rewrite_request(instruction: str, text: str) -> str:
+    return REWRITE.format(instruction=instruction, text=text)
+
+
 # "Score: 4", "**Score:** 4", "**Score**: 4", "score = 3", "Score: 4/5", "Score: 4." ; not "Score: 10" nor "4.5"
 _SCORE_RE = re.compile(r"score\**\s*[:=]?\s*\**\s*([1-5])(?!\d|\.\d)(?:\s*/\s*5)?", re.IGNORECASE)
 

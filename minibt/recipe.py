@@ -27,6 +27,7 @@ from minibt.sections import (  # noqa: F401 - re-exported: `from minibt.recipe i
     ForwardSection,
     LoraSection,
     ModelSection,
+    RewriteSection,
     RunSection,
     SeedSection,
     TrainSection,
@@ -44,6 +45,7 @@ class Recipe:
     augment: AugmentSection = field(default_factory=AugmentSection)
     curate: CurateSection = field(default_factory=CurateSection)
     forward: ForwardSection = field(default_factory=ForwardSection)
+    rewrite: RewriteSection = field(default_factory=RewriteSection)  # optional stage rewrite_r{k}, off by default
     # a new section: its dataclass in minibt/sections.py and a field here
     toy: Optional[dict[str, Any]] = None  # the toy world's knobs (minibt/toy), validated there
 

@@ -93,6 +93,8 @@ class RunDir:
         resolved = recipe.to_dict()
         if (self.path / "recipe.yaml").exists():
             old = yaml.safe_load((self.path / "recipe.yaml").read_text())
+            # a section minibt added since that run (e.g. rewrite) is absent there: its defaults are what ran
+            old = {**{k: v for k, v in type(recipe)().to_dict().items() if k not in old}, **old}
             diff = _first_difference(old, resolved)
             finished = any(s.get("status") == "done" for s in self.manifest.get("stages", {}).values())
             if diff and finished:  # nothing finished yet (a fixed typo, say): the new recipe simply applies

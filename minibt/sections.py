@@ -215,6 +215,37 @@ class CurateSection:
 
 
 @dataclass
+class RewriteSection:
+    # Response rewriting (Back-and-Forth Translation, Nguyen et al. 2024; minibt/stages/rewrite.py): after
+    # curate_r{k}, `adapter` rewrites each kept pair's text as an assistant's answer to its instruction,
+    # keeping the text's content; m_k trains on the rewrites (the text stays in the row: original_output).
+    enabled: bool = False
+    # curator: the round's curator m_{k-1}; or one adapter for every round, trained before round 1
+    adapter: Literal["curator", "m0", "myx", "base"] = "curator"
+    max_new_tokens: int = 64
+    temperature: float = 0.0  # greedy by default: a rewrite should keep the text, not explore
+    top_p: float = 1.0
+    # the guard: a rewrite is used only if it keeps >= min_overlap of the text's distinct content words
+    # (stages/rewrite.content_overlap); else the pair keeps its original text. 0 switches the guard off.
+    min_overlap: float = 0.7
+    batch_size: int = 16
+    shard_size: int = 512
+
+    def check(self, key: str) -> None:
+        if not self.enabled:
+            unused(key, self, ("adapter", "max_new_tokens", "temperature", "top_p", "min_overlap", "batch_size", "shard_size"),
+                   f"read only with {key}.enabled=true; set it or remove the key")
+        in_range(f"{key}.temperature", self.temperature, 0.0, 10.0)
+        in_range(f"{key}.top_p", self.top_p, 0.0, 1.0, low_open=True)
+        if self.temperature == 0:
+            unused(key, self, ("top_p",), f"{key}.temperature=0 decodes greedily, without sampling; remove the key")
+        in_range(f"{key}.min_overlap", self.min_overlap, 0.0, 1.0)
+        positive(f"{key}.max_new_tokens", self.max_new_tokens)
+        positive(f"{key}.batch_size", self.batch_size)
+        positive(f"{key}.shard_size", self.shard_size)
+
+
+@dataclass
 class ForwardSection(TrainSection):
     rounds: int = 1  # round k: curator m_{k-1} scores the augmented pairs, m_k trains on seed + kept
     tags: bool = True  # the paper's system-prompt tags for seed vs augmented data (the tags need it)
