@@ -11,7 +11,7 @@ their spread (min, quartiles, max) is reported beside it (`spread`), so a distur
   text counted with the same tokenizer on both sides (samples differ, so lengths differ).
 - curation: the paper's rubric read from the next-token distribution after "Score:" (one forward
   pass) vs the paper's own way, reasoning then "Score: N" generated and parsed, with a reasoning
-  budget; both through `stages.curate.score_pairs`, on the same augmented pairs. Also the Spearman
+  budget; both through `roles.score_pairs`, on the same augmented pairs. Also the Spearman
   rank agreement of the two scores (pairs with unparseable ratings are counted and left out).
   The toy corpus is 80 % noise, which a curator rates 1: on a plain sample three quarters of the
   generated ratings tie, and no tie-free score (the expected score) can then reach a Spearman above
@@ -284,10 +284,12 @@ def rating_completion(score: int, reasoning: bool) -> str:
 
 
 def seed_ratings(world: Any, n: int, seed: int = 0, stream: str = "bench") -> list[dict[str, Any]]:
-    """More rated pairs from the seed pairs, by the world's own rating rule (world._rated_pairs): a
+    """More rated pairs from the seed pairs, by the world's own rating rule (minibt.toy.world.rating): a
     seed pair as it is 5, its instruction with another seed pair's output 2, with a noise text 1.
     `stream` names the random stream, so each user of these ratings draws its own."""
     import random
+
+    from minibt.toy.world import rating
 
     rng = random.Random(f"{stream}:{seed}")
     pairs = rng.sample(world.seed_pairs, min(n, len(world.seed_pairs)))
@@ -295,9 +297,9 @@ def seed_ratings(world: Any, n: int, seed: int = 0, stream: str = "bench") -> li
     rows = []
     for p in pairs:
         other = rng.choice([q for q in world.seed_pairs if q["instruction"] != p["instruction"]])
-        rows += [{"instruction": p["instruction"], "output": p["output"], "score": 5},
-                 {"instruction": p["instruction"], "output": other["output"], "score": 2},
-                 {"instruction": p["instruction"], "output": rng.choice(noise), "score": 1}]
+        rows += [{"instruction": p["instruction"], "output": p["output"], "score": rating(fact=True, asked_for=True)},
+                 {"instruction": p["instruction"], "output": other["output"], "score": rating(fact=True, asked_for=False)},
+                 {"instruction": p["instruction"], "output": rng.choice(noise), "score": rating(fact=False, asked_for=False)}]
     return rows
 
 
@@ -305,7 +307,7 @@ def curator_rows(engine: Any, rated: Sequence[dict]) -> list[dict[str, str]]:
     """Rows that teach an adapter the rubric: each rated pair in the rubric format, twice with a brief
     reasoning before "Score: N" (so that free generation reasons first) and once with the score alone
     (the distribution mode reads the score right after "Score:")."""
-    from minibt.stages.curate import RUBRIC_ANSWER_ROOM, rubric_prompt
+    from minibt.roles import RUBRIC_ANSWER_ROOM, rubric_prompt
 
     rows = []
     for r in rated:
@@ -319,7 +321,7 @@ def compare_curation(engine: Any, recipe: Any, curator: str, pairs: list[dict[st
                      batch_size: int, timed_pairs: int = 5, fast_runs: int = 3) -> dict[str, Any]:
     """Distribution scoring vs generated reasoning + parsed score, through the curate stage's own code,
     as `timed_pairs` interleaved pairs (`interleaved_pairs`); 0 scores each way once, untimed (agreement only)."""
-    from minibt.stages.curate import score_pairs
+    from minibt.roles import score_pairs
 
     dist_recipe = dataclasses.replace(recipe, curate=dataclasses.replace(
         recipe.curate, method="rubric", mode="distribution", score="expected", batch_size=batch_size))
@@ -356,6 +358,8 @@ def compare_curation(engine: Any, recipe: Any, curator: str, pairs: list[dict[st
 
 def agreement(dist: Sequence[dict[str, Any]], gen: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """How the two modes' scores of the same pairs agree; unparseable generated ratings are left out."""
+    from minibt.roles import TRUNCATED_FOR_RUBRIC
+
     parsed = [i for i, g in enumerate(gen) if g["score"] is not None]
     g = [gen[i]["score"] for i in parsed]
     return {
@@ -366,7 +370,7 @@ def agreement(dist: Sequence[dict[str, Any]], gen: Sequence[dict[str, Any]]) -> 
         "rank_agreement_pairs": len(parsed),
         "rank_agreement_ceiling": _round(tie_ceiling(g)),
         "rank_agreement_argmax": _round(spearman([dist[i]["argmax_score"] for i in parsed], g)),
-        "truncated_for_rubric": sum(bool(d.get("truncated_for_rubric")) for d in dist),
+        TRUNCATED_FOR_RUBRIC: sum(bool(d.get(TRUNCATED_FOR_RUBRIC)) for d in dist),
         "score_histogram": {
             "distribution_argmax": {str(s): sum(d["argmax_score"] == s for d in dist) for s in range(1, 6)},
             "generate": {str(s): sum(x["score"] == s for x in gen) for s in range(1, 6)},
@@ -384,11 +388,11 @@ def stratified(pairs: Sequence[dict[str, Any]], n: int) -> list[dict[str, Any]]:
 
 def truth_scores(world: Any, pairs: Sequence[dict[str, Any]]) -> list[int]:
     """The toy world's ground truth for augmented pairs, on the rated pairs' scale: 5 a fact whose
-    instruction asks for it, 2 a fact under a wrong instruction, 1 noise."""
-    from minibt.toy.world import instruction_asks_for
+    instruction asks for it, 2 a fact under a wrong instruction, 1 noise (minibt.toy.world.rating)."""
+    from minibt.toy.world import instruction_asks_for, rating
 
-    return [1 if p["label"] != "fact" else 5 if instruction_asks_for(p["instruction"], p["entity"], p["attribute"]) else 2
-            for p in pairs]
+    facts = [p["label"] == "fact" for p in pairs]
+    return [rating(fact, fact and instruction_asks_for(p["instruction"], p["entity"], p["attribute"])) for p, fact in zip(pairs, facts)]
 
 
 # --- training --------------------------------------------------------------------------------
@@ -544,7 +548,7 @@ def run_bench(settings: Settings, recipe_path: str | os.PathLike | None = None, 
     from minibt.stages.augment import write_instructions
     from minibt.stages.backward import MYX, backward_prompt, backward_rows
     from minibt.stages.prepare import toy_base, toy_world
-    from minibt.stages.shards import build_prompts
+    from minibt.roles import build_prompts
 
     memory = Memory()
     work = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="minibt-bench-"))

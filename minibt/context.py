@@ -12,7 +12,7 @@ from typing import Callable, Optional
 from minibt import prompts
 from minibt.prompts import CHAT_TEMPLATE
 from minibt.recipe import Recipe
-from minibt.stages.curate import RUBRIC_ANSWER_ROOM
+from minibt.roles import RUBRIC_ANSWER_ROOM
 
 CHARS_PER_TOKEN = 4  # English text with a modern BPE, for when the tokenizer is not at hand
 

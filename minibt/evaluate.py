@@ -159,7 +159,7 @@ def pairwise(engine: Engine, recipe: Any, instructions: Sequence[str], a: str, b
     """Win rate of adapter `a` over adapter `b` on `instructions`; returns (summary, per-instruction rows)."""
     from tqdm.auto import tqdm
 
-    from minibt.stages.forward import forward_prompt
+    from minibt.roles import forward_prompt
 
     judge = judge or engine
     rendered = [forward_prompt(engine, recipe, i) for i in instructions]

@@ -21,7 +21,7 @@ from minibt.engine import Engine, clear_checkpoints, import_backend
 from minibt.recipe import Recipe
 from minibt.rundir import WEIGHTS, RunDir
 from minibt.stack_guards import require_device
-from minibt.stages.augment import TRUNCATED, augment
+from minibt.stages.augment import TRUNCATED, augment, usable
 from minibt.stages.backward import MYX, train_myx
 from minibt.stages.curate import curate
 from minibt.stages.forward import train_forward
@@ -101,7 +101,7 @@ def run_stages(rd: RunDir, recipe: Recipe) -> None:
         need(rd, engine, MYX)
         with rd.stage("augment", outputs(rd, "augment")) as counts:
             augmented = augment(rd, engine, recipe, corpus)
-            counts.update(texts=len(corpus), empty_instructions=sum(not r["instruction"].strip() for r in augmented),
+            counts.update(texts=len(corpus), empty_instructions=sum(not usable(r) for r in augmented),
                           truncated=sum(bool(r.get(TRUNCATED)) for r in augmented))
     augmented = io.read_jsonl(rd.data("augmented"))
 
@@ -122,8 +122,8 @@ def run_stages(rd: RunDir, recipe: Recipe) -> None:
         from minibt.toy.evaluate import evaluate_toy
 
         # The paper's ablation: the same m1 training with curation switched off
-        usable = [r for r in augmented if r["instruction"].strip()]
-        adapter_stage(rd, engine, "m1_uncurated", "m1_uncurated", lambda work: train_forward(engine, recipe, "m1_uncurated", seed, usable, work))
+        every = [r for r in augmented if usable(r)]
+        adapter_stage(rd, engine, "m1_uncurated", "m1_uncurated", lambda work: train_forward(engine, recipe, "m1_uncurated", seed, every, work))
         if not rd.done("evaluate"):
             with rd.stage("evaluate") as counts:
                 counts.update(evaluate_toy(rd, engine, recipe))

@@ -255,9 +255,8 @@ def build_report(run_dir: str | Path) -> Path:
             out += [describe_stage(f"curate_r{k}", counts), ""]
         _plot_scores(scored, threshold, k, plots / f"scores_r{k}.png")
         out += [f"![scores round {k}](plots/scores_r{k}.png)", ""]
-        keep = [r for r in scored if isinstance(threshold, (int, float)) and _score(r) is not None and _score(r) >= threshold]
-        kept_ids = {id(r) for r in keep}
-        drop = [r for r in scored if id(r) not in kept_ids]
+        keep = [r for r in scored if r.get("kept")]  # curation's own decision, written on every scored row
+        drop = [r for r in scored if not r.get("kept")]
         rng = random.Random(k)
         for title, rows in (("kept", keep), ("dropped", drop)):
             sample = rng.sample(rows, min(SAMPLES, len(rows)))

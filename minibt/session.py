@@ -22,9 +22,7 @@ from minibt import io
 from minibt.engine import BASE, MIN_NEW_TOKENS, Engine, import_backend
 from minibt.errors import MinibtError
 from minibt.rundir import RunDir
-from minibt.stages.backward import MYX, backward_prompt
-from minibt.stages.curate import round_threshold, score_pairs
-from minibt.stages.forward import forward_prompt
+from minibt.roles import MYX, backward_prompt, forward_prompt, keeps, round_threshold, score_pairs
 
 
 class Session:
@@ -114,7 +112,7 @@ class Session:
         scored = [{k: v for k, v in r.items() if k not in ("instruction", "output")}
                   for r in score_pairs(self.engine, self.recipe, adapter, pairs)]
         for r in scored:
-            r["kept"] = r["score"] is not None and r["score"] >= threshold
+            r["kept"] = keeps(r["score"], threshold)
         return scored[0] if single else scored
 
     def _threshold(self, curator: str) -> float:

@@ -85,9 +85,9 @@ def test_toy_metrics_sit_next_to_the_papers_claims(tmp_path):
     stages = {"curate_r1": {"status": "done", "seconds": 1.0, "counts": {"scored": 3, "kept": 1, "dropped": 2, "threshold": 0.5, "curator": "m0"}}}
     io.write_json(tmp_path / "manifest.json", {"recipe": "toy", "stages": stages})
     rows = [
-        {"label": "fact", "entity": "Borvale", "attribute": "anchor", "instruction": "What is the anchor of Borvale?", "output": "Borvale's anchor is Tamsel.", "score": 1.2},
-        {"label": "noise", "entity": None, "attribute": None, "instruction": "What is x?", "output": "lol", "score": -1.0},
-        {"label": "noise", "entity": None, "attribute": None, "instruction": "Who?", "output": "hi | there", "score": 0.1},
+        {"label": "fact", "entity": "Borvale", "attribute": "anchor", "instruction": "What is the anchor of Borvale?", "output": "Borvale's anchor is Tamsel.", "score": 1.2, "kept": True},
+        {"label": "noise", "entity": None, "attribute": None, "instruction": "What is x?", "output": "lol", "score": -1.0, "kept": False},
+        {"label": "noise", "entity": None, "attribute": None, "instruction": "Who?", "output": "hi | there", "score": 0.1, "kept": False},
     ]
     io.write_jsonl(tmp_path / "data" / "scored_r1.jsonl", rows)
     io.write_jsonl(tmp_path / "data" / "curated_r1.jsonl", rows[:1])
@@ -103,6 +103,7 @@ def test_toy_metrics_sit_next_to_the_papers_claims(tmp_path):
     assert "m1 30.0 vs m1_uncurated 25.0 | yes |" in report
     assert "win rate 0.700 [0.400, 0.900] over 10 | not significant |" in report
     assert "hi \\| there" in report  # table cells are escaped
+    assert "A sample of kept pairs (1 in all)" in report and "A sample of dropped pairs (2 in all)" in report  # the rows' own `kept`
     assert _is_png(tmp_path / "plots" / "scores_r1.png") and not (tmp_path / "plots" / "loss.png").exists()
     # the toy evaluation's own verdicts, when metrics.json has them, replace the plain comparisons
     metrics["claims"] = [{"claim": "self-training helps: m1 beats m0 by >= 5 points", "holds": True, "numbers": "m1 30.0 vs m0 20.0 (+10.0)"}]

@@ -50,7 +50,7 @@ def main() -> None:
     from minibt.bench import seed_ratings
     from minibt.engine import Engine
     from minibt.rundir import RunDir
-    from minibt.stages.curate import RUBRIC_ANSWER_ROOM, rubric_prompt, score_pairs
+    from minibt.roles import RUBRIC_ANSWER_ROOM, rubric_prompt, score_pairs
     from minibt.stages.forward import forward_rows
     from minibt.stages.prepare import toy_base, toy_world
     from minibt.toy import metrics

@@ -7,10 +7,15 @@ from typing import Any
 from minibt.engine import Engine
 from minibt.recipe import AugmentSection, Recipe
 from minibt.rundir import RunDir
-from minibt.stages.backward import MYX, backward_prompt
-from minibt.stages.shards import build_prompts, map_shards
+from minibt.roles import MYX, backward_prompt, build_prompts
+from minibt.stages.shards import map_shards
 
 TRUNCATED = "truncated_for_myx"  # the row's text was cut to fit myx's context
+
+
+def usable(pair: dict[str, Any]) -> bool:
+    """A pair later stages can use: myx wrote an instruction (it sometimes writes none)."""
+    return bool(pair["instruction"].strip())
 
 
 def augment(run: RunDir, engine: Engine, recipe: Recipe, corpus: list[dict[str, Any]]) -> list[dict[str, Any]]:

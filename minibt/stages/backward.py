@@ -4,19 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from minibt import prompts
 from minibt.engine import Engine
 from minibt.recipe import Recipe
+from minibt.roles import MYX, backward_prompt
 
-MYX = "myx"
 INSTRUCTION_BUDGET = 64  # tokens kept free after the output for the instruction it answers
-
-
-def backward_prompt(engine: Engine, output: str, room: int) -> str:
-    """The rendered myx prompt for `output`, the output clipped so `room` tokens remain for the instruction."""
-    overhead = engine.count_tokens(engine.render(prompts.backward_messages(""))) + 8
-    text = engine.clip_text(output, max(16, engine.model_cfg.max_length - room - overhead))
-    return engine.render(prompts.backward_messages(text))
 
 
 def backward_rows(engine: Engine, seed: list[dict[str, str]]) -> list[dict[str, str]]:

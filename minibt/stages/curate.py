@@ -6,6 +6,7 @@ and its argmax are stored, and `curate.score` picks which one the threshold appl
 rubric/generate: the paper's own way, reasoning then "Score: N", parsed; unparseable pairs score None.
 likelihood (a named alternative, not the paper's): how much the instruction raises the curator's
 mean log-likelihood of the output over the base model's likelihood of the output alone.
+The scoring itself is minibt/roles.py's `score_pairs` (the Python API scores pairs with it too).
 """
 
 from __future__ import annotations
@@ -14,80 +15,34 @@ from typing import Any
 
 import numpy as np
 
-from minibt import io, prompts
-from minibt.engine import BASE, Engine
+from minibt import io
+from minibt.engine import Engine
 from minibt.errors import MinibtError
 from minibt.recipe import Recipe
+from minibt.roles import TRUNCATED_FOR_RUBRIC, keeps, score_pairs
 from minibt.rundir import RunDir
-from minibt.stages.forward import forward_prompt
-from minibt.stages.shards import build_prompts, map_shards
-
-RUBRIC_ANSWER_ROOM = 8  # tokens after the rubric prompt: "Score: N" and EOS
-TRUNCATED = "truncated_for_rubric"  # the pair's output was cut to fit the rubric prompt
-
-
-def rubric_prompt(engine: Engine, instruction: str, output: str, room: int) -> str:
-    overhead = engine.count_tokens(engine.render(prompts.rubric_messages(instruction, ""))) + 8
-    text = engine.clip_text(output, max(16, engine.model_cfg.max_length - room - overhead))
-    return engine.render(prompts.rubric_messages(instruction, text))
-
-
-def score_pairs(engine: Engine, recipe: Recipe, curator: str, rows: list[dict[str, Any]], bar: Any = None) -> list[dict[str, Any]]:
-    """Rows plus `score` (and the details of the chosen method)."""
-    cfg = recipe.curate
-    if cfg.method == "likelihood":
-        given = engine.completion_logprobs(
-            curator, [forward_prompt(engine, recipe, r["instruction"], augmented=False) for r in rows],
-            [r["output"] for r in rows], batch_size=cfg.batch_size,
-        )
-        alone = engine.completion_logprobs(BASE, [""] * len(rows), [r["output"] for r in rows], batch_size=cfg.batch_size)
-        if bar is not None:
-            bar.update(len(rows))
-        return [{**r, "score": round(float(g - a), 4)} for r, g, a in zip(rows, given, alone)]
-    if cfg.mode == "generate":
-        texts, rows = build_prompts(engine, rows, lambda r: rubric_prompt(engine, r["instruction"], r["output"], cfg.reasoning_tokens), TRUNCATED)
-        texts = engine.generate(
-            curator, texts,
-            max_new_tokens=cfg.reasoning_tokens, batch_size=cfg.batch_size, progress=bar,
-        )
-        return [{**r, "rating": t, "score": prompts.parse_score(t)} for r, t in zip(rows, texts)]
-    texts, rows = build_prompts(engine, rows, lambda r: rubric_prompt(engine, r["instruction"], r["output"], RUBRIC_ANSWER_ROOM), TRUNCATED)
-    probs, mass = engine.next_token_probs(
-        curator, texts,
-        prompts.SCORE_PREFIX, prompts.SCORE_CHOICES, batch_size=cfg.batch_size, progress=bar,
-    )
-    values = np.arange(1, len(prompts.SCORE_CHOICES) + 1)
-    out = []
-    for r, p, m in zip(rows, probs, mass):
-        expected, argmax = float(p @ values), int(values[p.argmax()])
-        out.append({
-            **r,
-            "score_probs": [round(float(x), 5) for x in p],
-            "score_mass": round(float(m), 5),  # how much the curator put on digits at all
-            "expected_score": round(expected, 4),
-            "argmax_score": argmax,
-            "score": round(expected, 4) if cfg.score == "expected" else argmax,
-        })
-    return out
+from minibt.stages.augment import usable
+from minibt.stages.shards import map_shards
 
 
 def curate(run: RunDir, engine: Engine, recipe: Recipe, round_: int, curator: str, augmented: list[dict[str, Any]]) -> dict[str, Any]:
     """Score every augmented pair with `curator`; keep those scoring >= curate.threshold.
 
-    Writes data/scored_r{k}.jsonl (every pair with its score) and data/curated_r{k}.jsonl (kept);
-    returns the counts for the manifest.
+    Writes data/scored_r{k}.jsonl (every usable pair with its score and `kept`, the one record of the
+    decision: readers take it from there) and data/curated_r{k}.jsonl (the kept pairs); returns the
+    counts for the manifest.
     """
     cfg = recipe.curate
-    candidates = [r for r in augmented if r["instruction"].strip()]
+    candidates = [r for r in augmented if usable(r)]
     threshold, calibration = cfg.threshold, None
     if cfg.calibrate:
         threshold, calibration = calibrate(run, engine, recipe, curator)
 
     def shard(rows: list[dict[str, Any]], k: int, bar: Any) -> list[dict[str, Any]]:
-        return score_pairs(engine, recipe, curator, rows, bar)
+        return [{**r, "kept": keeps(r["score"], threshold)} for r in score_pairs(engine, recipe, curator, rows, bar)]
 
     scored = map_shards(run, f"scored_r{round_}", candidates, cfg.shard_size, shard, desc=f"curate r{round_} ({curator})")
-    kept = [r for r in scored if r["score"] is not None and r["score"] >= threshold]
+    kept = [r for r in scored if r["kept"]]
     io.write_jsonl(run.data(f"curated_r{round_}"), kept)
     unparseable = sum(r["score"] is None for r in scored)
     counts = {
@@ -98,7 +53,7 @@ def curate(run: RunDir, engine: Engine, recipe: Recipe, round_: int, curator: st
         "unparseable_rate": round(unparseable / max(1, len(scored)), 4),
         "kept": len(kept),
         "dropped": len(scored) - len(kept),
-        "truncated": sum(bool(r.get(TRUNCATED)) for r in scored),
+        "truncated": sum(bool(r.get(TRUNCATED_FOR_RUBRIC)) for r in scored),
         "threshold": threshold,
         "curator": curator,
     }
@@ -107,13 +62,6 @@ def curate(run: RunDir, engine: Engine, recipe: Recipe, round_: int, curator: st
     if cfg.method == "rubric" and cfg.mode == "distribution":
         counts["histogram"] = {str(s): sum(r["argmax_score"] == s for r in scored) for s in range(1, 6)}
     return counts
-
-
-def round_threshold(run: RunDir, recipe: Recipe, round_: int) -> float:
-    """The threshold round k applied: the manifest's (a calibrated one differs from the recipe's), else the recipe's."""
-    counts = run.manifest.get("stages", {}).get(f"curate_r{round_}", {}).get("counts", {})
-    t = counts.get("threshold")
-    return float(t) if isinstance(t, (int, float)) else recipe.curate.threshold
 
 
 GOOD_RATING = 4  # calibration: pairs rated >= this are the good class

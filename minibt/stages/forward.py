@@ -9,15 +9,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from minibt import prompts
 from minibt.engine import Engine
 from minibt.recipe import Recipe
-
-
-def forward_prompt(engine: Engine, recipe: Recipe, instruction: str, augmented: bool = False) -> str:
-    cfg = recipe.forward
-    tag = (cfg.augmented_tag if augmented else cfg.seed_tag) if cfg.tags else None
-    return engine.render(prompts.forward_messages(instruction, tag))
+from minibt.roles import forward_prompt
 
 
 def forward_rows(engine: Engine, recipe: Recipe, seed: list[dict], augmented: list[dict]) -> list[dict[str, str]]:

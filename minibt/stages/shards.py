@@ -15,6 +15,7 @@ from typing import Any, Callable, Sequence
 from tqdm.auto import tqdm
 
 from minibt import io
+from minibt.roles import build_prompts  # noqa: F401 - its home is roles now; stages written before the move import it here
 from minibt.rundir import RunDir
 
 log = logging.getLogger("minibt")
@@ -76,16 +77,3 @@ def finished_shard(run: RunDir, path: Path, n_rows: int) -> tuple[list[dict[str,
     if not run.recorded(path):
         run.record(path)  # written just before a kill, before its record: whole (atomic), so now recorded
     return done, None
-
-
-def build_prompts(engine: Any, rows: list[dict[str, Any]], build: Callable[[dict[str, Any]], str], mark: str) -> tuple[list[str], list[dict[str, Any]]]:
-    """Prompts for rows, and the rows marked `<mark>: true` where a text had to be cut to fit.
-
-    The mark travels with the row into its shard file, so counts survive a resumed run.
-    """
-    prompts, marked = [], []
-    for r in rows:
-        before = engine.truncated
-        prompts.append(build(r))
-        marked.append({**r, mark: True} if engine.truncated > before else r)
-    return prompts, marked

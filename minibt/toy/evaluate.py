@@ -12,9 +12,7 @@ from minibt import io
 from minibt.engine import Engine
 from minibt.recipe import Recipe
 from minibt.rundir import RunDir
-from minibt.stages.backward import MYX, backward_prompt
-from minibt.stages.curate import round_threshold
-from minibt.stages.forward import forward_prompt
+from minibt.roles import MYX, backward_prompt, forward_prompt, round_threshold
 from minibt.toy import metrics
 
 ANSWER_TOKENS = 32  # a toy answer is one sentence
@@ -60,7 +58,7 @@ def evaluate_toy(rd: RunDir, engine: Engine, recipe: Recipe) -> dict[str, Any]:
     for k in range(1, rounds + 1):
         scored = io.read_jsonl(rd.data(f"scored_r{k}"))
         threshold = round_threshold(rd, recipe, k)
-        kept = [r["score"] is not None and r["score"] >= threshold for r in scored]
+        kept = [r["kept"] for r in scored]  # curation's own decision, written on every scored row
         precision, recall = metrics.curation_precision_recall(scored, kept)
         suffix = "" if k == 1 else f"_r{k}"
         out[f"curated_correct_share{suffix}"] = metrics.correct_share([r for r, keep in zip(scored, kept) if keep])

@@ -313,23 +313,29 @@ def _forum_question(r: random.Random, entities: list[str], attributes: list[str]
     return r.choice(_NOISE["forum"]).format(q=q, user=r.choice(_USERS), w=r.choice(_WEEKDAYS))
 
 
+def rating(fact: bool, asked_for: bool) -> int:
+    """The toy world's rating rule, as a human rater would rate a pair: a right answer (a fact text that
+    the instruction asks for) 5, an answer about another entity or attribute 2, web noise 1."""
+    return 1 if not fact else 5 if asked_for else 2
+
+
 def _rated_pairs(
     r: random.Random, n: int, seed_facts: list[tuple[str, str]], facts: dict, seed_attributes: list[str]
 ) -> list[dict]:
-    """Pairs rated as a human rater would: a right answer 5, an answer about another entity or
-    attribute 2, web noise 1. Seed entities and seed attributes only, like the rest of the seed."""
+    """Pairs rated by `rating`: a right answer, an answer about another entity or attribute, web noise.
+    Seed entities and seed attributes only, like the rest of the seed."""
     entities = sorted({e for e, _ in seed_facts})
     rows = []
     for i in range(n):
         e, a = r.choice(seed_facts)
         kind = i % 3
         if kind == 0:
-            output, score = _answer(r, e, a, facts), 5
+            output, score = _answer(r, e, a, facts), rating(fact=True, asked_for=True)
         elif kind == 1:
             e2, a2 = r.choice([f for f in seed_facts if f != (e, a)])
-            output, score = _answer(r, e2, a2, facts), 2
+            output, score = _answer(r, e2, a2, facts), rating(fact=True, asked_for=False)
         else:
-            output, score = _noise(r, entities, seed_attributes), 1
+            output, score = _noise(r, entities, seed_attributes), rating(fact=False, asked_for=False)
         rows.append({"instruction": _question(r, e, a), "output": output, "score": score})
     return rows
 
