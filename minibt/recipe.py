@@ -25,6 +25,7 @@ from minibt.sections import (  # noqa: F401 - re-exported: `from minibt.recipe i
     CorpusSection,
     CurateSection,
     ForwardSection,
+    InferenceSection,
     LoraSection,
     ModelSection,
     RewriteSection,
@@ -46,6 +47,7 @@ class Recipe:
     curate: CurateSection = field(default_factory=CurateSection)
     forward: ForwardSection = field(default_factory=ForwardSection)
     rewrite: RewriteSection = field(default_factory=RewriteSection)  # optional stage rewrite_r{k}, off by default
+    inference: InferenceSection = field(default_factory=InferenceSection)  # how inference stages run: workers, engine
     # a new section: its dataclass in minibt/sections.py and a field here
     toy: Optional[dict[str, Any]] = None  # the toy world's knobs (minibt/toy), validated there
 

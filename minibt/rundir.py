@@ -47,7 +47,8 @@ WEIGHTS = "adapter_model.safetensors"
 # stages change speed, not results, so a rerun may change them.
 _RESULT_KEYS_IGNORED = {("run", "threads"), ("augment", "batch_size"), ("curate", "batch_size"),
                         ("backward", "report_to"), ("forward", "report_to"),  # where logs go, not results
-                        ("backward", "save_steps"), ("forward", "save_steps")}  # when checkpoints are written
+                        ("backward", "save_steps"), ("forward", "save_steps"),  # when checkpoints are written
+                        ("inference", "workers"), ("inference", "ray_address")}  # where shards run (workers.py)
 
 
 def _now() -> str:

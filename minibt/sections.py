@@ -4,6 +4,7 @@ checks (`check(key)`). Loading, overrides and the checks across sections are in 
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional
@@ -257,3 +258,23 @@ class ForwardSection(TrainSection):
         positive(f"{key}.rounds", self.rounds)
         if not self.tags:
             unused(key, self, ("seed_tag", "augmented_tag"), f"{key}.tags is false, so no tag is written; remove the key")
+
+
+@dataclass
+class InferenceSection:
+    # How the inference stages (augment, curate, rewrite) run; never what they compute: a run's
+    # shards and results are the same with any of these (rundir ignores them when resuming).
+    # workers > 1: their shards spread over that many Ray workers (minibt/workers.py), each loading the
+    # base once; 1: in this process, Ray not imported. ray_address: a running cluster ("auto",
+    # "HOST:PORT", "ray://HOST:PORT"); without it a local Ray starts for the run and stops after it.
+    workers: int = 1
+    ray_address: Optional[str] = None
+
+    def check(self, key: str) -> None:
+        positive(f"{key}.workers", self.workers)
+        if self.workers == 1:
+            unused(key, self, ("ray_address",), f"read only with {key}.workers > 1 (1 runs in this process); set it or remove the key")
+        elif importlib.util.find_spec("ray") is None:
+            raise RecipeError(f"{key}.workers: {self.workers} workers run on Ray, which is not installed (pip install 'minibt[ray]')")
+        if self.ray_address is not None and not self.ray_address.strip():
+            raise RecipeError(f"{key}.ray_address: empty (give auto, HOST:PORT or ray://HOST:PORT, or remove the key)")

@@ -26,11 +26,13 @@ def map_shards(
     name: str,
     rows: Sequence[dict[str, Any]],
     shard_size: int,
-    fn: Callable[[list[dict[str, Any]], int, Any], list[dict[str, Any]]],
+    fn: Callable[[list[dict[str, Any]], int, Any], list[dict[str, Any]]] | Any,
     desc: str,
 ) -> list[dict[str, Any]]:
     """Apply fn(rows_of_shard, shard_index, progress) shard by shard; finished shards are reused.
 
+    `fn` may instead be a runner (minibt/workers.py: `compute(jobs, progress)` yields (shard index,
+    rows) as shards finish, on several workers at once); this process writes every shard either way.
     Shard files are data/<name>.shards/00000.jsonl ...; the joined result goes to data/<name>.jsonl.
     """
     folder = run.shards(name)
@@ -45,16 +47,16 @@ def map_shards(
             run.tell(run.rel(path), f"{name}: shard {path.name}: {why}: redoing it")
     if reused:
         log.info("%s: reused %d finished shard(s) of %d", name, reused, n_shards)
-    out: list[dict[str, Any]] = []
+    results = {k: done for k, (done, _) in enumerate(finished) if done is not None}
+    jobs = [(k, list(part)) for k, part in enumerate(parts) if k not in results]
+    compute = getattr(fn, "compute", None) or (lambda jobs, bar: ((k, fn(part, k, bar)) for k, part in jobs))
     with tqdm(total=len(rows), desc=desc, unit="row", dynamic_ncols=True) as bar:
-        for k, (path, part, (done, _)) in enumerate(zip(paths, parts, finished)):
-            if done is None:
-                done = fn(list(part), k, bar)
-                io.write_jsonl(path, done)
-                run.record(path)
-            else:
-                bar.update(len(part))
-            out.extend(done)
+        bar.update(sum(len(parts[k]) for k in results))
+        for k, done in compute(jobs, bar):  # in the order shards finish: each written as it comes
+            io.write_jsonl(paths[k], done)
+            run.record(paths[k])
+            results[k] = done
+    out = [row for k in range(n_shards) for row in results[k]]
     if damaged:
         log.warning("%s: redid %d damaged shard(s): %s", name, len(damaged), ", ".join(damaged))
     io.write_jsonl(run.data(name), out)

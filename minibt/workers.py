@@ -1,0 +1,269 @@
+"""Inference shards spread over workers (`inference.workers`; one process by default).
+
+A sharded stage describes each shard's work as a `Task`: picklable data (the stage's kind, a
+module-level function, the recipe, the adapters it reads, the shard's rows and index) that a function
+`fn(engine, task, progress)` runs against an engine. With one worker the run's own engine runs it in
+this process (`InProcess`); with N, N Ray actors each load the base once (through the pipeline's one
+engine factory), keep it, and the adapters they were sent, for the whole run (`RayWorkers`). Either way
+map_shards (stages/shards.py) writes each finished shard into the run directory, so resume, the
+manifest and the results are those of a one-worker run: the function and its inputs are the same, and
+a shard's sampling seed comes from its index, never from which worker ran it.
+
+A worker that dies mid-shard (killed, out of memory) is replaced, the shard goes to the next free
+worker, and the stage's counts say `retried_shards`; an error raised by the work itself is the run's
+error, not retried. Training stays in the driver's process.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import logging
+import os
+import signal
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from minibt.errors import MinibtError
+
+log = logging.getLogger("minibt")
+
+MAX_ATTEMPTS = 3  # a shard that kills its worker this many times stops the run (it would kill every worker)
+POLL_SECONDS = 0.5  # how often the progress bar reads the workers' progress
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")  # what PEFT reads back
+# A test hook: "KIND:SHARD" makes the worker running that shard's first attempt SIGKILL itself after
+# its first progress update, so the fault tests kill a worker mid-shard at a known place.
+KILL_ENV = "MINIBT_TEST_KILL_WORKER"
+
+
+@dataclasses.dataclass(frozen=True)
+class Work:
+    """What a sharded stage asks of each shard: `fn(engine, task, progress) -> rows`, module-level so
+    it pickles by reference; `adapters` maps each adapter it uses to its PEFT folder in the run."""
+
+    kind: str  # the stage, for logs: "augment", "curate_r1"
+    fn: Callable[[Any, "Task", Any], list[dict[str, Any]]]
+    recipe: Any
+    adapters: dict[str, str] = dataclasses.field(default_factory=dict)
+    args: dict[str, Any] = dataclasses.field(default_factory=dict)  # the stage's own inputs (curator, threshold)
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    work: Work
+    shard: int
+    rows: list[dict[str, Any]]
+    attempt: int = 0
+
+
+def run_task(engine: Any, task: Task, progress: Any = None, adapter_dirs: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    """The one code path for a shard's work, in this process or on a worker: load what is missing, run."""
+    for name, path in task.work.adapters.items():
+        if name not in engine.adapters:
+            engine.load_adapter(name, (adapter_dirs or {}).get(name, path))
+    return task.work.fn(engine, task, progress)
+
+
+class Workers:
+    """Where a run's shards are computed; `runner(work)` is what a stage hands to map_shards."""
+
+    count: int
+
+    def runner(self, work: Work) -> "Runner":
+        return Runner(self, work)
+
+    def compute(self, tasks: list[Task], bar: Any, counts: dict[str, int]) -> Iterator[tuple[int, list[dict[str, Any]]]]:
+        raise NotImplementedError
+
+
+class InProcess(Workers):
+    """workers=1: the run's engine computes the shards one after another, here."""
+
+    count = 1
+
+    def __init__(self, engine: Any):
+        self.engine = engine
+
+    def compute(self, tasks: list[Task], bar: Any, counts: dict[str, int]) -> Iterator[tuple[int, list[dict[str, Any]]]]:
+        for task in tasks:
+            yield task.shard, run_task(self.engine, task, bar)
+
+
+class Runner:
+    """One stage's shards on the run's workers; `counts` goes into the stage's manifest counts."""
+
+    def __init__(self, workers: Workers, work: Work):
+        self.workers, self.work = workers, work
+        self.counts = {"workers": workers.count, "retried_shards": 0}
+
+    def compute(self, jobs: list[tuple[int, list[dict[str, Any]]]], bar: Any) -> Iterator[tuple[int, list[dict[str, Any]]]]:
+        return self.workers.compute([Task(self.work, k, rows) for k, rows in jobs], bar, self.counts)
+
+
+@contextlib.contextmanager
+def open_workers(recipe: Any, engine: Any, factory: Callable[[Any, str], Any] | None = None) -> Iterator[Workers]:
+    """The run's workers: the run's own engine for workers=1 (Ray never imported), else Ray actors,
+    started now so they load the base while the driver trains, and stopped (with a local Ray) at the end."""
+    if recipe.inference.workers == 1:
+        yield InProcess(engine)
+        return
+    pool = RayWorkers(recipe, engine.model_cfg.name, factory)
+    try:
+        pool.start()
+        yield pool
+    finally:
+        pool.close()
+
+
+class RayWorkers(Workers):
+    """N Ray actors, one CPU (and one GPU where the cluster has them) each, shared by the run's stages."""
+
+    def __init__(self, recipe: Any, base_model: str, factory: Callable[[Any, str], Any] | None = None):
+        self.recipe, self.base_model, self.count = recipe, base_model, recipe.inference.workers
+        self.factory = factory  # engine factory(recipe, base_model), module-level; None: the pipeline's
+        self.actors: list[Any] = []
+        self.own_cluster = False
+        self.shipped: dict[tuple[str, str], Any] = {}  # (adapter, folder) -> its files in Ray's object store
+
+    def start(self) -> None:
+        import ray
+
+        cfg = self.recipe.inference
+        if not ray.is_initialized():
+            # local: a cluster of our own with one CPU per worker (never one found lying around)
+            address, size = (cfg.ray_address, {}) if cfg.ray_address else ("local", {"num_cpus": self.count})
+            ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING, **size)
+            self.own_cluster = True
+        have = ray.cluster_resources()
+        self.gpus = 1 if have.get("GPU", 0) > 0 else 0
+        kind, needed = ("GPU", self.count) if self.gpus else ("CPU", self.count)
+        if have.get(kind, 0) < needed:
+            raise MinibtError(f"inference.workers: {self.count} workers need {needed} {kind}s, the Ray cluster has {have.get(kind, 0):g}")
+        self.progress = ray.remote(num_cpus=0)(_Progress).remote()
+        self.actors = [self._new_actor() for _ in range(self.count)]
+        log.info("workers: %d Ray workers starting (%s each)", self.count, "1 GPU" if self.gpus else "1 CPU")
+
+    def _new_actor(self) -> Any:
+        import ray
+
+        actor = ray.remote(num_cpus=1, num_gpus=self.gpus, max_restarts=0)(_Worker).remote(self.recipe, self.base_model, self.factory)
+        actor.warm.remote()  # load the base now, while the driver is busy
+        return actor
+
+    def close(self) -> None:
+        import ray
+
+        for actor in self.actors:
+            with contextlib.suppress(Exception):
+                ray.kill(actor)
+        self.actors = []
+        if self.own_cluster and ray.is_initialized():
+            ray.shutdown()
+
+    def _ship(self, work: Work) -> dict[str, Any]:
+        """Each adapter's files, put into Ray's object store once: workers on other machines read them there."""
+        import ray
+
+        for name, path in work.adapters.items():
+            if (name, path) not in self.shipped:
+                self.shipped[name, path] = ray.put({f: (Path(path) / f).read_bytes() for f in ADAPTER_FILES})
+        return {name: self.shipped[name, path] for name, path in work.adapters.items()}
+
+    def compute(self, tasks: list[Task], bar: Any, counts: dict[str, int]) -> Iterator[tuple[int, list[dict[str, Any]]]]:
+        import ray
+        from ray.exceptions import RayActorError, RayTaskError
+
+        if not tasks:
+            return
+        files = self._ship(tasks[0].work)
+        queue = collections.deque(tasks)
+        running: dict[Any, tuple[int, Task]] = {}  # the task's ref -> (worker slot, task)
+        sizes = {t.shard: len(t.rows) for t in tasks}
+        finished = bar.n
+        while queue or running:
+            idle = [s for s in range(self.count) if s not in {slot for slot, _ in running.values()}]
+            for slot in idle[: len(queue)]:
+                task = queue.popleft()
+                running[self.actors[slot].run.remote(task, files, self.progress)] = (slot, task)
+            ready, _ = ray.wait(list(running), num_returns=1, timeout=POLL_SECONDS)
+            for ref in ready:
+                slot, task = running.pop(ref)
+                try:
+                    rows = ray.get(ref)
+                except RayTaskError as e:  # the work raised: a bug or bad input, the same on any worker
+                    raise (e.cause if isinstance(e.cause, Exception) else e) from None
+                except RayActorError:
+                    if task.attempt + 1 >= MAX_ATTEMPTS:
+                        raise MinibtError(f"{task.work.kind}: shard {task.shard} killed its worker {MAX_ATTEMPTS} times "
+                                          "(out of memory?); lower the batch size or the shard size") from None
+                    log.warning("%s: a worker died during shard %d; it goes to another worker (a new one replaces the dead)",
+                                task.work.kind, task.shard)
+                    self.actors[slot] = self._new_actor()
+                    queue.appendleft(dataclasses.replace(task, attempt=task.attempt + 1))
+                    counts["retried_shards"] += 1
+                    continue
+                finished += sizes[task.shard]
+                yield task.shard, rows
+            in_flight = ray.get(self.progress.rows.remote([(t.shard, t.attempt) for _, t in running.values()]))
+            bar.update(max(0, finished + in_flight - bar.n))
+
+
+class _Progress:
+    """Rows done per (shard, attempt) in flight, reported by the workers; the driver's bar sums them."""
+
+    def __init__(self) -> None:
+        self.done: dict[tuple[int, int], int] = {}
+
+    def add(self, shard: int, attempt: int, n: int) -> None:
+        self.done[shard, attempt] = self.done.get((shard, attempt), 0) + n
+
+    def rows(self, running: list[tuple[int, int]]) -> int:
+        return sum(self.done.get(tuple(key), 0) for key in running)
+
+
+class _Bar:
+    """The `progress` a worker's engine updates: rows go to the driver's bar through _Progress."""
+
+    def __init__(self, progress: Any, task: Task):
+        self.progress, self.task = progress, task
+
+    def update(self, n: int) -> None:
+        self.progress.add.remote(self.task.shard, self.task.attempt, n)
+        if self.task.attempt == 0 and os.environ.get(KILL_ENV) == f"{self.task.work.kind}:{self.task.shard}":
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+class _Worker:
+    """A Ray actor: one engine, loaded once (the base and each adapter), running one task at a time."""
+
+    def __init__(self, recipe: Any, base_model: str, factory: Callable[[Any, str], Any] | None):
+        self.recipe, self.base_model, self.factory, self.engine = recipe, base_model, factory, None
+        self.adapter_dirs: dict[str, str] = {}
+        self.scratch = tempfile.mkdtemp(prefix="minibt-worker-")
+
+    def warm(self) -> int:
+        if self.engine is None:
+            import torch
+
+            torch.set_num_threads(self.recipe.run.threads)  # what the driver's CLI sets for itself
+            if self.factory is None:
+                from minibt.pipeline import open_engine as factory  # the run's one engine factory
+            else:
+                factory = self.factory
+            self.engine = factory(self.recipe, self.base_model)
+        return os.getpid()
+
+    def run(self, task: Task, files: dict[str, Any], progress: Any) -> list[dict[str, Any]]:
+        self.warm()
+        for name, blob in files.items():
+            if name not in self.adapter_dirs:
+                import ray
+
+                folder = Path(self.scratch) / name
+                folder.mkdir(parents=True, exist_ok=True)
+                for f, data in (ray.get(blob) if isinstance(blob, ray.ObjectRef) else blob).items():
+                    (folder / f).write_bytes(data)
+                self.adapter_dirs[name] = str(folder)
+        return run_task(self.engine, task, _Bar(progress, task), self.adapter_dirs)

@@ -1,0 +1,140 @@
+"""minibt/workers.py on a local Ray cluster of 2 one-CPU workers, with a stand-in engine (no model):
+shards spread over both workers, results equal the in-process ones, a worker killed mid-shard is
+replaced and its shard retried, an error of the work itself is the run's error, adapters reach the
+workers as files. The toy run on workers: tests/toy/test_toy_workers.py."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+
+import pytest
+
+from minibt.errors import MinibtError
+from minibt.recipe import from_dict
+from minibt.rundir import RunDir
+from minibt.stages.shards import map_shards
+from minibt.workers import InProcess, RayWorkers, Work
+
+ray = pytest.importorskip("ray")  # the `ray` extra; .ci/run installs it, so CI runs these
+ROWS = [{"id": i, "text": f"text {i}"} for i in range(10)]  # shards of 3: 3 + 3 + 3 + 1
+
+
+class StubEngine:
+    """The inference seam's adapter bookkeeping, and nothing else: which adapter folders it loaded."""
+
+    def __init__(self) -> None:
+        self.loaded: dict[str, str] = {}
+
+    @property
+    def adapters(self) -> list[str]:
+        return list(self.loaded)
+
+    def load_adapter(self, name: str, path) -> None:
+        self.loaded[name] = open(os.path.join(path, "adapter_config.json")).read()
+
+
+def stub_factory(recipe, base_model):
+    return StubEngine()
+
+
+def label(engine, task, progress):
+    """The work: each row labelled by the adapter's config text, and by the process that did it."""
+    time.sleep(0.2)  # long enough for both workers to take shards
+    if progress is not None:
+        progress.update(len(task.rows))
+    return [{**r, "by": engine.loaded["myx"], "pid": os.getpid(), "shard": task.shard} for r in task.rows]
+
+
+def die_mid_shard(engine, task, progress):
+    if task.shard == 1 and task.attempt == 0:
+        progress.update(1)  # some of the shard done, then the worker dies
+        os.kill(os.getpid(), signal.SIGKILL)
+    return label(engine, task, progress)
+
+
+def bad_input(engine, task, progress):
+    raise MinibtError(f"shard {task.shard}: row 2 has no text")
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers can't import tests/
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture
+def adapter(tmp_path):
+    folder = tmp_path / "adapters" / "myx"
+    folder.mkdir(parents=True)
+    (folder / "adapter_config.json").write_text('{"r": 4}')
+    (folder / "adapter_model.safetensors").write_bytes(b"weights")
+    return str(folder)
+
+
+def run_dir(path) -> RunDir:
+    rd = RunDir(path)
+    rd.manifest.setdefault("stages", {})
+    return rd
+
+
+def sharded(path, workers, fn, adapter):
+    runner = workers.runner(Work("augment", fn, workers_recipe(), adapters={"myx": adapter}))
+    return map_shards(run_dir(path), "augmented", ROWS, 3, runner, desc="test"), runner.counts
+
+
+def workers_recipe():
+    return from_dict({"toy": {}, "inference": {"workers": 2}})
+
+
+def without_pids(rows):
+    return [{k: v for k, v in r.items() if k != "pid"} for r in rows]
+
+
+def test_two_workers_give_the_in_process_result(cluster, tmp_path, adapter):
+    local, local_counts = sharded(tmp_path / "one", InProcess(StubEngine()), label, adapter)
+    pool = RayWorkers(workers_recipe(), "base", stub_factory)
+    pool.start()
+    try:
+        spread, counts = sharded(tmp_path / "two", pool, label, adapter)
+    finally:
+        pool.close()
+    assert without_pids(spread) == without_pids(local), "same rows, same order, whichever worker ran a shard"
+    assert spread[0]["by"] == '{"r": 4}', "the adapter reached the worker as files"
+    assert len({r["pid"] for r in spread}) == 2 and os.getpid() not in {r["pid"] for r in spread}
+    assert local_counts == {"workers": 1, "retried_shards": 0} and counts == {"workers": 2, "retried_shards": 0}
+    assert ray.is_initialized(), "a cluster the pool did not start is left running"
+
+
+def test_a_worker_killed_mid_shard_is_replaced_and_its_shard_retried(cluster, tmp_path, adapter):
+    want, _ = sharded(tmp_path / "one", InProcess(StubEngine()), label, adapter)
+    pool = RayWorkers(workers_recipe(), "base", stub_factory)
+    pool.start()
+    try:
+        got, counts = sharded(tmp_path / "two", pool, die_mid_shard, adapter)
+    finally:
+        pool.close()
+    assert without_pids(got) == without_pids(want), "nothing lost"
+    assert counts["retried_shards"] == 1
+    files = RunDir(tmp_path / "two").manifest["files"]
+    assert [files[f"data/augmented.shards/0000{k}.jsonl"]["rows"] for k in range(4)] == [3, 3, 3, 1]
+
+
+def test_an_error_of_the_work_itself_is_the_runs_error_not_retried(cluster, tmp_path, adapter):
+    pool = RayWorkers(workers_recipe(), "base", stub_factory)
+    pool.start()
+    try:
+        with pytest.raises(MinibtError, match=r"^shard \d: row 2 has no text$"):
+            sharded(tmp_path, pool, bad_input, adapter)
+    finally:
+        pool.close()
+
+
+def test_more_workers_than_the_cluster_has_cpus_is_one_line(cluster):
+    pool = RayWorkers(from_dict({"toy": {}, "inference": {"workers": 3}}), "base", stub_factory)
+    with pytest.raises(MinibtError, match=r"^inference.workers: 3 workers need 3 CPUs, the Ray cluster has 2$"):
+        pool.start()
