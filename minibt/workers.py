@@ -70,11 +70,16 @@ class Workers:
     """Where a run's shards are computed; `runner(work)` is what a stage hands to map_shards."""
 
     count: int
+    retried: collections.Counter  # shards retried after their worker died, per Work.kind
 
     def runner(self, work: Work) -> "Runner":
         return Runner(self, work)
 
-    def compute(self, tasks: list[Task], bar: Any, counts: dict[str, int]) -> Iterator[tuple[int, list[dict[str, Any]]]]:
+    def counts(self, kind: str) -> dict[str, int]:
+        """For the manifest counts of the stage whose Work.kind is `kind`."""
+        return {"workers": self.count, "retried_shards": self.retried[kind]}
+
+    def compute(self, tasks: list[Task], bar: Any) -> Iterator[tuple[int, list[dict[str, Any]]]]:
         raise NotImplementedError
 
 
@@ -84,22 +89,21 @@ class InProcess(Workers):
     count = 1
 
     def __init__(self, engine: Any):
-        self.engine = engine
+        self.engine, self.retried = engine, collections.Counter()
 
-    def compute(self, tasks: list[Task], bar: Any, counts: dict[str, int]) -> Iterator[tuple[int, list[dict[str, Any]]]]:
+    def compute(self, tasks: list[Task], bar: Any) -> Iterator[tuple[int, list[dict[str, Any]]]]:
         for task in tasks:
             yield task.shard, run_task(self.engine, task, bar)
 
 
 class Runner:
-    """One stage's shards on the run's workers; `counts` goes into the stage's manifest counts."""
+    """One stage's shards on the run's workers, as map_shards asks for them."""
 
     def __init__(self, workers: Workers, work: Work):
         self.workers, self.work = workers, work
-        self.counts = {"workers": workers.count, "retried_shards": 0}
 
     def compute(self, jobs: list[tuple[int, list[dict[str, Any]]]], bar: Any) -> Iterator[tuple[int, list[dict[str, Any]]]]:
-        return self.workers.compute([Task(self.work, k, rows) for k, rows in jobs], bar, self.counts)
+        return self.workers.compute([Task(self.work, k, rows) for k, rows in jobs], bar)
 
 
 @contextlib.contextmanager
@@ -124,6 +128,7 @@ class RayWorkers(Workers):
         self.recipe, self.base_model, self.count = recipe, base_model, recipe.inference.workers
         self.factory = factory  # engine factory(recipe, base_model), module-level; None: the pipeline's
         self.actors: list[Any] = []
+        self.retried = collections.Counter()
         self.own_cluster = False
         self.shipped: dict[tuple[str, str], Any] = {}  # (adapter, folder) -> its files in Ray's object store
 
@@ -171,7 +176,7 @@ class RayWorkers(Workers):
                 self.shipped[name, path] = ray.put({f: (Path(path) / f).read_bytes() for f in ADAPTER_FILES})
         return {name: self.shipped[name, path] for name, path in work.adapters.items()}
 
-    def compute(self, tasks: list[Task], bar: Any, counts: dict[str, int]) -> Iterator[tuple[int, list[dict[str, Any]]]]:
+    def compute(self, tasks: list[Task], bar: Any) -> Iterator[tuple[int, list[dict[str, Any]]]]:
         import ray
         from ray.exceptions import RayActorError, RayTaskError
 
@@ -202,7 +207,7 @@ class RayWorkers(Workers):
                                 task.work.kind, task.shard)
                     self.actors[slot] = self._new_actor()
                     queue.appendleft(dataclasses.replace(task, attempt=task.attempt + 1))
-                    counts["retried_shards"] += 1
+                    self.retried[task.work.kind] += 1
                     continue
                 finished += sizes[task.shard]
                 yield task.shard, rows

@@ -84,7 +84,7 @@ def run_dir(path) -> RunDir:
 
 def sharded(path, workers, fn, adapter):
     runner = workers.runner(Work("augment", fn, workers_recipe(), adapters={"myx": adapter}))
-    return map_shards(run_dir(path), "augmented", ROWS, 3, runner, desc="test"), runner.counts
+    return map_shards(run_dir(path), "augmented", ROWS, 3, runner, desc="test"), workers.counts("augment")
 
 
 def workers_recipe():

@@ -9,6 +9,7 @@ from minibt.recipe import AugmentSection, Recipe
 from minibt.rundir import RunDir
 from minibt.roles import MYX, backward_prompt, build_prompts
 from minibt.stages.shards import map_shards
+from minibt.workers import InProcess, Task, Work, Workers
 
 TRUNCATED = "truncated_for_myx"  # the row's text was cut to fit myx's context
 
@@ -18,17 +19,23 @@ def usable(pair: dict[str, Any]) -> bool:
     return bool(pair["instruction"].strip())
 
 
-def augment(run: RunDir, engine: Engine, recipe: Recipe, corpus: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Rows of the corpus plus `instruction` (sampled: T=0.7, top_p=0.9 by default), in shards.
+def augment(run: RunDir, engine: Engine, recipe: Recipe, corpus: list[dict[str, Any]],
+            workers: Workers | None = None) -> list[dict[str, Any]]:
+    """Rows of the corpus plus `instruction` (sampled: T=0.7, top_p=0.9 by default), in shards, on
+    the run's `workers` (default: `engine`, in this process).
 
-    Each shard samples from its own seed, so a resumed run writes what an uninterrupted one would.
+    Each shard samples from its own seed, so a resumed run writes what an uninterrupted one would,
+    whichever worker runs it.
     """
-    cfg = recipe.augment
+    work = Work("augment", augment_shard, recipe, adapters={MYX: str(run.adapter(MYX))})
+    runner = (workers or InProcess(engine)).runner(work)
+    return map_shards(run, "augmented", corpus, recipe.augment.shard_size, runner, desc="augment (myx)")
 
-    def shard(rows: list[dict[str, Any]], k: int, bar: Any) -> list[dict[str, Any]]:
-        return write_instructions(engine, cfg, rows, seed=recipe.run.seed * 1_000_003 + k, progress=bar)
 
-    return map_shards(run, "augmented", corpus, cfg.shard_size, shard, desc="augment (myx)")
+def augment_shard(engine: Engine, task: Task, progress: Any) -> list[dict[str, Any]]:
+    """One shard of augment, on any worker's engine (minibt/workers.py): its seed comes from its index."""
+    recipe = task.work.recipe
+    return write_instructions(engine, recipe.augment, task.rows, seed=recipe.run.seed * 1_000_003 + task.shard, progress=progress)
 
 
 def write_instructions(engine: Engine, cfg: AugmentSection, rows: list[dict[str, Any]], seed: int,

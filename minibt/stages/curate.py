@@ -23,10 +23,13 @@ from minibt.roles import TRUNCATED_FOR_RUBRIC, keeps, score_pairs
 from minibt.rundir import RunDir
 from minibt.stages.augment import usable
 from minibt.stages.shards import map_shards
+from minibt.workers import InProcess, Task, Work, Workers
 
 
-def curate(run: RunDir, engine: Engine, recipe: Recipe, round_: int, curator: str, augmented: list[dict[str, Any]]) -> dict[str, Any]:
-    """Score every augmented pair with `curator`; keep those scoring >= curate.threshold.
+def curate(run: RunDir, engine: Engine, recipe: Recipe, round_: int, curator: str, augmented: list[dict[str, Any]],
+           workers: Workers | None = None) -> dict[str, Any]:
+    """Score every augmented pair with `curator`, in shards on the run's `workers` (default: `engine`,
+    in this process); keep those scoring >= curate.threshold.
 
     Writes data/scored_r{k}.jsonl (every usable pair with its score and `kept`, the one record of the
     decision: readers take it from there) and data/curated_r{k}.jsonl (the kept pairs); returns the
@@ -38,10 +41,10 @@ def curate(run: RunDir, engine: Engine, recipe: Recipe, round_: int, curator: st
     if cfg.calibrate:
         threshold, calibration = calibrate(run, engine, recipe, curator)
 
-    def shard(rows: list[dict[str, Any]], k: int, bar: Any) -> list[dict[str, Any]]:
-        return [{**r, "kept": keeps(r["score"], threshold)} for r in score_pairs(engine, recipe, curator, rows, bar)]
-
-    scored = map_shards(run, f"scored_r{round_}", candidates, cfg.shard_size, shard, desc=f"curate r{round_} ({curator})")
+    workers = workers or InProcess(engine)
+    work = Work(f"curate_r{round_}", curate_shard, recipe, adapters={curator: str(run.adapter(curator))},
+                args={"curator": curator, "threshold": threshold})
+    scored = map_shards(run, f"scored_r{round_}", candidates, cfg.shard_size, workers.runner(work), desc=f"curate r{round_} ({curator})")
     kept = [r for r in scored if r["kept"]]
     io.write_jsonl(run.data(f"curated_r{round_}"), kept)
     unparseable = sum(r["score"] is None for r in scored)
@@ -56,12 +59,19 @@ def curate(run: RunDir, engine: Engine, recipe: Recipe, round_: int, curator: st
         "truncated": sum(bool(r.get(TRUNCATED_FOR_RUBRIC)) for r in scored),
         "threshold": threshold,
         "curator": curator,
+        **workers.counts(work.kind),
     }
     if calibration:
         counts["calibration"] = calibration
     if cfg.method == "rubric" and cfg.mode == "distribution":
         counts["histogram"] = {str(s): sum(r["argmax_score"] == s for r in scored) for s in range(1, 6)}
     return counts
+
+
+def curate_shard(engine: Engine, task: Task, progress: Any) -> list[dict[str, Any]]:
+    """One shard of curation, on any worker's engine (minibt/workers.py): each pair scored and `kept` decided."""
+    curator, threshold = task.work.args["curator"], task.work.args["threshold"]
+    return [{**r, "kept": keeps(r["score"], threshold)} for r in score_pairs(engine, task.work.recipe, curator, task.rows, progress)]
 
 
 GOOD_RATING = 4  # calibration: pairs rated >= this are the good class
