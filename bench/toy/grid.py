@@ -3,11 +3,13 @@
     python bench/toy/grid.py                       # grid (3 world seeds x 3 run seeds) then ablations
     python bench/toy/grid.py --part grid --workers 2
     python bench/toy/grid.py --part ablations --seeds 0 1
+    python bench/toy/grid.py --part grid --set rewrite.enabled=true --name toy-grid-rewrite
 
 Every job is `minibt run recipes/toy.yaml toy.seed=W run.seed=R [ablation overrides]` in its own process
 (one torch thread each; `--workers` of them at once). Results land in bench/results/toy-grid.json (every
 run's metrics.json, wall time and stage times) and bench/results/toy-grid.md (tables and spread),
 rewritten after each job; a rerun skips the jobs already there. Run directories go to --runs.
+`--set KEY=VALUE` adds an override to every job (a variant's grid, with its own --name).
 Wall times of parallel jobs are not single-run times: two processes share the two cores.
 """
 
@@ -80,6 +82,10 @@ def row_values(r: dict) -> dict:
         "aug_correct": m.get("augmented_correct_share"), "cur_correct": m.get("curated_correct_share"),
         "precision": m.get("curation_precision"), "recall": m.get("curation_recall"), "clean": m.get("clean_share"),
         "base": acc.get("base"), "m0": acc.get("m0"), "m1": acc.get("m1"), "m1_unc": acc.get("m1_uncurated"),
+        # response rewriting (rewrite.enabled): fact rewrites keeping the true value, rewrites the guard used;
+        # and m1's answers in the seed's answer form (runs before these keys have none)
+        "rw_keeps": (m.get("rewrite") or {}).get("keeps_value"), "rw_used": (m.get("rewrite") or {}).get("used"),
+        "m1_form": (m.get("forward_answer_form_share") or {}).get("m1"),
     }
     if v["m1"] is not None and v["m0"] is not None:
         v["m1-m0"] = round(v["m1"] - v["m0"], 1)
@@ -89,7 +95,7 @@ def row_values(r: dict) -> dict:
 
 
 COLS = ["backward", "bw_unseen", "aug_correct", "cur_correct", "precision", "recall", "clean", "base", "m0", "m1",
-        "m1_unc", "m1-m0", "m1-unc"]
+        "m1_unc", "m1-m0", "m1-unc", "rw_keeps", "rw_used", "m1_form"]
 
 
 def spread(rows: list[dict], col: str) -> str:
@@ -146,6 +152,8 @@ def main() -> None:
     ap.add_argument("--recipe", type=Path, default=ROOT / "recipes" / "toy.yaml")
     ap.add_argument("--runs", type=Path, default=Path("/tmp/minibt-toy-bench"))
     ap.add_argument("--name", default="toy-grid", help="results file stem under bench/results/")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="an override added to every job, e.g. rewrite.enabled=true")
     args = ap.parse_args()
 
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -154,7 +162,8 @@ def main() -> None:
     results = json.loads(json_path.read_text()) if json_path.is_file() else []
     done = {r["name"] for r in results if r.get("ok")}
     results = [r for r in results if r.get("ok")]
-    todo = [j for j in jobs(args.part, args.seeds, args.repeats, args.ablations) if j["name"] not in done]
+    todo = [{**j, "overrides": [*j["overrides"], *args.overrides]}
+            for j in jobs(args.part, args.seeds, args.repeats, args.ablations) if j["name"] not in done]
     lock = threading.Lock()
 
     def one(job: dict) -> None:

@@ -17,11 +17,13 @@ import zlib
 from typing import Any
 
 from minibt import prompts
+from minibt.engine import BASE
 from minibt.engine.interface import Inference
 from minibt.recipe import Recipe
 from minibt.rundir import RunDir
 from minibt.stages.forward import forward_prompt
 from minibt.stages.shards import build_prompts, map_shards
+from minibt.workers import InProcess, Task, Work, Workers
 
 TRUNCATED = "truncated_for_rewrite"  # the pair's text was cut to fit the rewrite prompt
 
@@ -79,19 +81,20 @@ def rewrite_pairs(engine: Inference, recipe: Recipe, adapter: str, rows: list[di
     return [guard(r, w, cfg.min_overlap) for r, w in zip(rows, written)]
 
 
-def rewrite(run: RunDir, engine: Inference, recipe: Recipe, round_: int, curated: list[dict[str, Any]]) -> dict[str, Any]:
-    """Rewrite round k's curated pairs in shards: data/rewritten_r{k}.jsonl; returns the manifest's counts.
+def rewrite(run: RunDir, engine: Inference, recipe: Recipe, round_: int, curated: list[dict[str, Any]],
+            workers: Workers | None = None) -> dict[str, Any]:
+    """Rewrite round k's curated pairs in shards on the run's `workers` (default: `engine`, in this
+    process): data/rewritten_r{k}.jsonl; returns the manifest's counts.
 
     Each shard samples from its own seed, so a resumed run writes what an uninterrupted one would.
     """
     cfg = recipe.rewrite
     adapter = rewrite_adapter(recipe, round_)
     name = f"rewritten_r{round_}"
-
-    def shard(rows: list[dict[str, Any]], k: int, bar: Any) -> list[dict[str, Any]]:
-        return rewrite_pairs(engine, recipe, adapter, rows, seed=zlib.crc32(f"{recipe.run.seed}:{name}:{k}".encode()), progress=bar)
-
-    done = map_shards(run, name, curated, cfg.shard_size, shard, desc=f"rewrite r{round_} ({adapter})")
+    workers = workers or InProcess(engine)
+    work = Work(f"rewrite_r{round_}", rewrite_shard, recipe, adapters={} if adapter == BASE else {adapter: str(run.adapter(adapter))},
+                args={"adapter": adapter, "name": name})
+    done = map_shards(run, name, curated, cfg.shard_size, workers.runner(work), desc=f"rewrite r{round_} ({adapter})")
     used = sum(r["rewrite_used"] for r in done)
     return {
         "pairs": len(done),
@@ -103,4 +106,12 @@ def rewrite(run: RunDir, engine: Inference, recipe: Recipe, round_: int, curated
         "truncated": sum(bool(r.get(TRUNCATED)) for r in done),
         "adapter": adapter,
         "engine": engine.name,
+        **workers.counts(work.kind),
     }
+
+
+def rewrite_shard(engine: Inference, task: Task, progress: Any) -> list[dict[str, Any]]:
+    """One shard of rewriting, on any worker's engine (minibt/workers.py): its seed comes from its index."""
+    recipe, args = task.work.recipe, task.work.args
+    seed = zlib.crc32(f"{recipe.run.seed}:{args['name']}:{task.shard}".encode())
+    return rewrite_pairs(engine, recipe, args["adapter"], task.rows, seed=seed, progress=progress)

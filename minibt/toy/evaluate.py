@@ -66,6 +66,8 @@ def evaluate_toy(rd: RunDir, engine: Engine, recipe: Recipe) -> dict[str, Any]:
         out[f"curation_recall{suffix}"] = recall
         out[f"curated_pairs{suffix}"] = sum(kept)
         out[f"curation_threshold{suffix}"] = round(threshold, 4)
+        if recipe.rewrite.enabled:  # the rewrites against the truth: kept values, answer forms, the guard
+            out[f"rewrite{suffix}"] = metrics.rewrite_measures(io.read_jsonl(rd.data(f"rewritten_r{k}")))
     out["clean_share"] = round(100 - out["noise_fraction"], 1)
 
     adapters = ["base", "m0", *(f"m{k}" for k in range(1, rounds + 1)), "m1_uncurated"]
@@ -73,6 +75,8 @@ def evaluate_toy(rd: RunDir, engine: Engine, recipe: Recipe) -> dict[str, Any]:
     out["forward_accuracy"] = {a: metrics.forward_accuracy(ans, questions) for a, ans in answers.items()}
     # answers that are questions: the forum-style echo that uncurated web noise teaches
     out["forward_echo_share"] = {a: metrics.echo_share(ans) for a, ans in answers.items()}
+    # answers in one of the seed's answer forms: the assistant's style that rewriting aims at
+    out["forward_answer_form_share"] = {a: metrics.answer_form_share(ans) for a, ans in answers.items()}
     if recipe.forward.tags:
         # the paper's tags: the last model prompted with the augmented-data tag instead of the seed tag
         last = f"m{rounds}"
@@ -130,6 +134,10 @@ def format_metrics(m: dict[str, Any]) -> list[str]:
     if "curation_precision" in m:
         lines.append(f"  curation: precision {m['curation_precision']}% (clean share {m.get('clean_share', '?')}%), "
                      f"recall {m.get('curation_recall', '?')}%")
+    rw = m.get("rewrite")
+    if isinstance(rw, dict):
+        lines.append(f"  rewrite: {rw['keeps_value']}% of fact rewrites keep the true value, {rw['answer_form']}% in the "
+                     f"seed's answer form; the guard used {rw['used']}% (of those {rw['used_keeps_value']}% keep the value)")
     acc = m.get("forward_accuracy")
     if isinstance(acc, dict):
         lines.append("  forward accuracy (held-out): " + ", ".join(f"{k} {v}%" for k, v in acc.items()))

@@ -7,7 +7,15 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from minibt.toy.world import answer_is_correct, instruction_asks_for
+import re
+
+from minibt.toy.world import ANSWER_FORMS, answer_is_correct, instruction_asks_for
+
+# The seed's answer forms as patterns: any attribute word, any capitalized names
+_ANSWER_FORM_RES = [
+    re.compile(re.escape(f).replace(r"\{a\}", "[a-z]+").replace(r"\{e\}", "[A-Z][a-z]+").replace(r"\{v\}", "[A-Z][a-z]+") + "$")
+    for f in ANSWER_FORMS
+]
 
 
 def backward_accuracy(generated_instructions: Sequence[str], backward_eval_rows: Sequence[dict]) -> float:
@@ -44,6 +52,11 @@ def forward_accuracy(answers: Sequence[str], eval_rows: Sequence[dict]) -> float
     return _percent(sum(answer_is_correct(a, r["value"]) for a, r in zip(answers, eval_rows)), len(answers))
 
 
+def is_answer_form(text: str) -> bool:
+    """The text is one sentence in one of the seed's answer forms."""
+    return any(p.match(text.strip()) for p in _ANSWER_FORM_RES)
+
+
 def _percent(part: int, whole: int) -> float:
     return round(100.0 * part / whole, 1) if whole else 0.0
 
@@ -56,3 +69,29 @@ def _same_length(a: Sequence, b: Sequence) -> None:
 def echo_share(answers: Sequence[str]) -> float:
     """Share of answers that are questions (end with "?"): forum-style echoes, not answers."""
     return _percent(sum(a.strip().endswith("?") for a in answers), len(answers))
+
+
+def answer_form_share(texts: Sequence[str]) -> float:
+    """Share of texts that are one sentence in one of the seed's answer forms ("The A of E is V." ...)."""
+    return _percent(sum(map(is_answer_form, texts)), len(texts))
+
+
+def rewrite_measures(rows: Sequence[dict]) -> dict:
+    """The rewrite stage against the truth, over its fact texts (rows of data/rewritten_r{k}.jsonl):
+    how many rewrites keep the true value, take the seed's answer form, or both; how often the guard
+    used the rewrite; and how right it was: of the rewrites it used, the share that kept the value, and
+    of the rewrites that lost the value, the share it caught (kept the original for)."""
+    facts = [r for r in rows if r["label"] == "fact"]
+    keeps = [answer_is_correct(r["rewrite"], r["value"]) for r in facts]
+    form = [is_answer_form(r["rewrite"]) for r in facts]
+    used = [r["rewrite_used"] for r in facts]
+    lost = [u for u, k in zip(used, keeps) if not k]
+    return {
+        "fact_rows": len(facts),
+        "keeps_value": _percent(sum(keeps), len(facts)),
+        "answer_form": _percent(sum(form), len(facts)),
+        "keeps_value_and_form": _percent(sum(k and f for k, f in zip(keeps, form)), len(facts)),
+        "used": _percent(sum(used), len(facts)),
+        "used_keeps_value": _percent(sum(k for u, k in zip(used, keeps) if u), sum(used)),
+        "lost_value_caught": _percent(sum(not u for u in lost), len(lost)),
+    }

@@ -340,6 +340,41 @@ def _rated_pairs(
     return rows
 
 
+RATED_PAGE = "<instruction>\n{instruction}\n</instruction>\n\n<answer>\n{output}\n</answer>\n\nScore: {score}"
+
+
+def rated_pages(world: World, n: int, seed: int) -> list[str]:
+    """n pages of graded answers over the world's facts, in the rubric's own tags (the web's graded
+    answers, for a base that has never seen a rating), rated by `rating`: a question with its right
+    answer, with the answer about another entity's same attribute or the entity's other attribute, with
+    web noise. Every entity, held-out ones too: this is pretraining text, like the profile pages. Used by
+    bench/toy/rubric_curator.py --rated-pages; not part of the default world."""
+    r = random.Random(f"{seed}:rated_pages")
+    facts = world.facts
+    by_attribute: dict[str, list[str]] = {}
+    for e, attrs in facts.items():
+        for a in attrs:
+            by_attribute.setdefault(a, []).append(e)
+    pages = []
+    for i in range(n):
+        e = r.choice(world.entities)
+        a = r.choice(sorted(facts[e]))
+        kind = i % 4
+        if kind == 0:
+            output, score = _answer(r, e, a, facts), rating(fact=True, asked_for=True)
+        elif kind == 1:  # the hard case: the right attribute, another entity's value
+            others = [x for x in by_attribute[a] if x != e] or [x for x in world.entities if x != e]
+            e2 = r.choice(others)
+            output, score = _answer(r, e2, a if a in facts[e2] else r.choice(sorted(facts[e2])), facts), rating(True, False)
+        elif kind == 2:
+            a2 = r.choice([x for x in facts[e] if x != a])
+            output, score = _answer(r, e, a2, facts), rating(fact=True, asked_for=False)
+        else:
+            output, score = _noise(r, world.entities, world.attributes), rating(fact=False, asked_for=False)
+        pages.append(RATED_PAGE.format(instruction=_question(r, e, a), output=output, score=score))
+    return pages
+
+
 def _pretrain_texts(r: random.Random, cfg: WorldConfig, world: World) -> list[str]:
     """The base model's pretraining text: every entity's facts, never the seed pairs themselves.
 
