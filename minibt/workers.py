@@ -33,8 +33,8 @@ log = logging.getLogger("minibt")
 MAX_ATTEMPTS = 3  # a shard that kills its worker this many times stops the run (it would kill every worker)
 POLL_SECONDS = 0.5  # how often the progress bar reads the workers' progress
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")  # what PEFT reads back
-# A test hook: "KIND:SHARD" makes the worker running that shard's first attempt SIGKILL itself after
-# its first progress update, so the fault tests kill a worker mid-shard at a known place.
+# A test hook: "KIND:SHARD[,KIND:SHARD...]" makes the worker running such a shard's first attempt SIGKILL
+# itself after its first progress update, so the fault tests kill a worker mid-shard at a known place.
 KILL_ENV = "MINIBT_TEST_KILL_WORKER"
 
 
@@ -236,7 +236,7 @@ class _Bar:
 
     def update(self, n: int) -> None:
         self.progress.add.remote(self.task.shard, self.task.attempt, n)
-        if self.task.attempt == 0 and os.environ.get(KILL_ENV) == f"{self.task.work.kind}:{self.task.shard}":
+        if self.task.attempt == 0 and f"{self.task.work.kind}:{self.task.shard}" in os.environ.get(KILL_ENV, "").split(","):
             os.kill(os.getpid(), signal.SIGKILL)
 
 

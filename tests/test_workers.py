@@ -55,6 +55,12 @@ def die_mid_shard(engine, task, progress):
     return label(engine, task, progress)
 
 
+def die_every_time(engine, task, progress):
+    if task.shard == 2:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return label(engine, task, progress)
+
+
 def bad_input(engine, task, progress):
     raise MinibtError(f"shard {task.shard}: row 2 has no text")
 
@@ -122,6 +128,19 @@ def test_a_worker_killed_mid_shard_is_replaced_and_its_shard_retried(cluster, tm
     assert counts["retried_shards"] == 1
     files = RunDir(tmp_path / "two").manifest["files"]
     assert [files[f"data/augmented.shards/0000{k}.jsonl"]["rows"] for k in range(4)] == [3, 3, 3, 1]
+
+
+def test_a_shard_that_kills_every_worker_stops_the_run_after_three_attempts(cluster, tmp_path, adapter):
+    pool = RayWorkers(workers_recipe(), "base", stub_factory)
+    pool.start()
+    try:
+        with pytest.raises(MinibtError, match=r"^augment: shard 2 killed its worker 3 times"):
+            sharded(tmp_path, pool, die_every_time, adapter)
+    finally:
+        pool.close()
+    assert pool.retried["augment"] == 2
+    shards = sorted(p.name for p in (tmp_path / "data" / "augmented.shards").iterdir())
+    assert "00002.jsonl" not in shards and "00000.jsonl" in shards, "the other shards are kept for the rerun"
 
 
 def test_an_error_of_the_work_itself_is_the_runs_error_not_retried(cluster, tmp_path, adapter):
