@@ -43,7 +43,6 @@ LORA_BYTES = 4  # an adapter's fp32 weights
 LORA_TRAIN_EXTRA_BYTES = 12  # its gradient (4) and Adam's two moments (8), while it trains
 LOSS_EXTRA_BYTES = 8  # fp32 copy of the logits + fp32 log-softmax, per logit, in training
 OVERHEAD = GiB // 2  # CUDA context, cuBLAS workspace, allocator slack
-TOY_EVAL_BATCH = 32  # minibt/toy/evaluate.py generates in batches of 32
 CONFIG_TIMEOUT_S = 5.0  # one try at fetching config.json; offline, the known shapes answer
 
 
@@ -271,19 +270,20 @@ def kv_cache_bytes(shape: Shape, batch: int, length: int, c: int) -> int:
     return 2 * shape.layers * shape.kv_dim * batch * length * c
 
 
-def estimate_stages(recipe: Recipe, shape: Shape, stages: list[str]) -> list[StageMemory]:
-    """Peak memory of each stage in `stages` (names from pipeline.plan)."""
+def estimate_stages(recipe: Recipe, shape: Shape, stages: list[Any]) -> list[StageMemory]:
+    """Peak memory of each stage in `stages` (minibt/stages/stage.py's Stage, as pipeline.stages declares them)."""
+    from minibt.roles import MYX
     m, c, length = recipe.model, _compute_bytes(recipe.model.dtype), recipe.model.max_length
     weights = weight_bytes(shape, m.quantization, c)
     lora = shape.lora_params(recipe.lora.r, recipe.lora.target_modules)
     out, adapters = [], 0
     for stage in stages:
-        if stage == "prepare":
-            continue  # CPU only
+        if stage.uses == "cpu":
+            continue  # no model
         parts = {"weights": weights}
-        if stage in ("backward", "m1_uncurated") or re.fullmatch(r"m\d+", stage):
+        if stage.adapter:
             adapters += 1
-            cfg = recipe.backward if stage == "backward" else recipe.forward
+            cfg = recipe.backward if stage.adapter == MYX else recipe.forward
             tokens = cfg.batch_size * length
             parts["lora"] = adapters * lora * LORA_BYTES + lora * LORA_TRAIN_EXTRA_BYTES
             parts["activations"] = training_activation_bytes(shape, tokens, c, cfg.gradient_checkpointing)
@@ -291,7 +291,7 @@ def estimate_stages(recipe: Recipe, shape: Shape, stages: list[str]) -> list[Sta
             parts["kv_cache"] = 0
         else:
             parts["lora"] = adapters * lora * LORA_BYTES
-            if stage.startswith("curate_"):
+            if stage.uses == "score":
                 cfg = recipe.curate
                 batch = cfg.batch_size
                 if cfg.method == "likelihood":  # full logits, their fp32 copy and log-softmax
@@ -299,26 +299,26 @@ def estimate_stages(recipe: Recipe, shape: Shape, stages: list[str]) -> list[Sta
                 else:  # distribution (one forward pass, logits_to_keep=1) or generate: the last position
                     logits = batch * shape.vocab * (c + 4)
             else:  # augment, evaluate: generation
-                batch = recipe.augment.batch_size if stage == "augment" else TOY_EVAL_BATCH
+                batch = stage.batch_size
                 logits = batch * shape.vocab * (c + 4)
             parts["activations"] = batch * length * shape.inference_per_token_layer() * c
             parts["logits"] = logits
             parts["kv_cache"] = kv_cache_bytes(shape, batch, length, c)
         parts["overhead"] = OVERHEAD
-        out.append(StageMemory(stage, parts))
+        out.append(StageMemory(stage.name, parts))
     return out
 
 
-def estimate(recipe: Recipe, stages: Optional[list[str]] = None) -> MemoryEstimate:
+def estimate(recipe: Recipe, stages: Optional[list[Any]] = None) -> MemoryEstimate:
     """The memory estimate of a recipe. Reads at most the model's config.json; loads no weights."""
-    from minibt.pipeline import plan
+    from minibt.pipeline import stages as declared
 
     shape, source = find_shape(recipe)
     name = recipe.model.name or "the toy world's base"
     if shape is None:
         return MemoryEstimate(name, source)
     return MemoryEstimate(
-        name, source, shape, estimate_stages(recipe, shape, stages if stages is not None else plan(recipe)),
+        name, source, shape, estimate_stages(recipe, shape, stages if stages is not None else declared(recipe)),
         lora_params=shape.lora_params(recipe.lora.r, recipe.lora.target_modules), max_length=recipe.model.max_length,
     )
 

@@ -16,25 +16,56 @@ import logging
 from pathlib import Path
 from typing import Any, Callable
 
-from minibt import io
-from minibt.engine import Engine, clear_checkpoints, import_backend
+from minibt.engine import Engine, import_backend
 from minibt.recipe import Recipe
-from minibt.rundir import WEIGHTS, RunDir
+from minibt.rundir import RunDir
 from minibt.stack_guards import require_device
 from minibt.stages.augment import TRUNCATED, augment, usable
 from minibt.stages.backward import MYX, train_myx
 from minibt.stages.curate import curate
 from minibt.stages.forward import train_forward
 from minibt.stages.prepare import prepare, toy_base
+from minibt.stages.stage import Context, Stage, run_stage
 
 log = logging.getLogger("minibt")
 
 
+def stages(recipe: Recipe) -> list[Stage]:
+    """The method, stage by stage, in the order it runs: `plan` lists it, `run` executes it.
+
+    A new stage is one entry here: its name, the function that runs it (a Context in, its counts out),
+    the data files it leaves (`outputs`), the adapters it uses (`needs`) or the one it trains (`adapter`).
+    """
+    method = [
+        Stage("prepare", prepare_data, outputs=prepared(recipe), uses="cpu"),
+        # Step 0: the backward model M_yx, trained on the seed pairs reversed (output -> instruction)
+        Stage("backward", train_backward, adapter=MYX),
+        # Step 1: self-augmentation: M_yx writes an instruction for every unlabelled text
+        Stage("augment", self_augment, outputs=("augmented",), needs=(MYX,), batch_size=recipe.augment.batch_size),
+        # The seed-only forward model M0: the first curator
+        Stage("m0", train_forward_on("m0"), adapter="m0"),
+    ]
+    # Step 2: self-curation, then training on seed + curated pairs; each round's model curates the next
+    for k in range(1, recipe.forward.rounds + 1):
+        method += [
+            Stage(f"curate_r{k}", self_curate(k), outputs=(f"scored_r{k}", f"curated_r{k}"), needs=(f"m{k - 1}",), uses="score"),
+            Stage(f"m{k}", train_forward_on(f"m{k}", lambda ctx, k=k: ctx.rows(f"curated_r{k}")), adapter=f"m{k}"),
+        ]
+    if recipe.toy is not None:
+        from minibt.toy.evaluate import evaluate_toy
+
+        method += [
+            # The paper's ablation: the same m1 training with curation switched off
+            Stage("m1_uncurated", train_forward_on("m1_uncurated", lambda ctx: [r for r in ctx.rows("augmented") if usable(r)]),
+                  adapter="m1_uncurated"),
+            Stage("evaluate", lambda ctx: evaluate_toy(ctx.rd, ctx.engine, ctx.recipe), batch_size=64),
+        ]
+    return method
+
+
 def plan(recipe: Recipe) -> list[str]:
     """The stages a recipe runs, in order."""
-    rounds = [s for k in range(1, recipe.forward.rounds + 1) for s in (f"curate_r{k}", f"m{k}")]
-    toy = ["m1_uncurated", "evaluate"] if recipe.toy is not None else []
-    return ["prepare", "backward", "augment", "m0", *rounds, *toy]
+    return [stage.name for stage in stages(recipe)]
 
 
 def run(recipe: Recipe, out: str | Path, fresh: bool = False) -> RunDir:
@@ -42,7 +73,9 @@ def run(recipe: Recipe, out: str | Path, fresh: bool = False) -> RunDir:
     rd = RunDir.create(out, recipe, fresh=fresh)  # locked: a second run on this folder is refused
     try:
         import_backend(recipe.model.backend)
-        run_stages(rd, recipe)
+        ctx = Context(rd, recipe, lambda: load_engine(rd, recipe))
+        for stage in stages(recipe):
+            run_stage(ctx, stage)
     finally:
         rd.unlock()
     return rd
@@ -53,80 +86,44 @@ def prepare_only(recipe: Recipe, out: str | Path, fresh: bool = False) -> tuple[
     stage ran now (False: done before). No model loads; a later `run` on the folder goes on from here."""
     rd = RunDir.create(out, recipe, fresh=fresh)
     try:
-        return rd, prepare_stage(rd, recipe)
+        return rd, run_stage(Context(rd, recipe, lambda: None), stages(recipe)[0])
     finally:
         rd.unlock()
 
 
-def prepare_stage(rd: RunDir, recipe: Recipe) -> bool:
-    """data/seed.jsonl and data/corpus.jsonl (and the toy world's files), recorded in the manifest;
-    True if it ran now, False if it was done already."""
-    if rd.done("prepare"):
-        return False
-    with rd.stage("prepare", outputs(rd, "prepare")) as counts:
-        counts.update(prepare(rd, recipe))
-    return True
+# --- what each stage does -------------------------------------------------------------------------
 
 
-def outputs(rd: RunDir, stage: str) -> list[Path]:
-    """The files `stage` leaves for later ones: their rows and sha256 are recorded when it finishes and
-    checked before they are used again (RunDir.done)."""
-    if stage == "prepare":
-        return [rd.data(n) for n in ("seed", "corpus", "eval", "backward_eval", "ratings")]  # the last three: toy
-    if stage == "augment":
-        return [rd.data("augmented")]
-    if stage.startswith("curate_r"):
-        k = stage.removeprefix("curate_r")
-        return [rd.data(f"scored_r{k}"), rd.data(f"curated_r{k}")]
-    if stage == "evaluate":
-        return []  # metrics.json: no stage reads it, and `minibt eval` adds to it
-    return [rd.adapter(MYX if stage == "backward" else stage) / WEIGHTS]
+def prepared(recipe: Recipe) -> tuple[str, ...]:
+    """data/seed.jsonl and data/corpus.jsonl (and the toy world's eval, backward_eval and ratings files)."""
+    return ("seed", "corpus") + (("eval", "backward_eval", "ratings") if recipe.toy is not None else ())
 
 
-def run_stages(rd: RunDir, recipe: Recipe) -> None:
-    """Every stage of `plan(recipe)` not done yet, in order, in the locked run directory `rd`."""
-    prepare_stage(rd, recipe)
-    if all(rd.done(stage) for stage in plan(recipe)):
-        return  # nothing left to do: don't load the base for nothing
-    seed = io.read_jsonl(rd.data("seed"))
-    corpus = io.read_jsonl(rd.data("corpus"))
+def prepare_data(ctx: Context) -> dict[str, Any]:
+    return prepare(ctx.rd, ctx.recipe)
 
-    engine = load_engine(rd, recipe)
 
-    # Step 0: the backward model M_yx, trained on the seed pairs reversed (output -> instruction)
-    adapter_stage(rd, engine, "backward", MYX, lambda work: train_myx(engine, recipe, seed, work))
+def train_backward(ctx: Context) -> dict[str, Any]:
+    return train_myx(ctx.engine, ctx.recipe, ctx.rows("seed"), ctx.rd.work(MYX))
 
-    # Step 1: self-augmentation: M_yx writes an instruction for every unlabelled text
-    if not rd.done("augment"):
-        need(rd, engine, MYX)
-        with rd.stage("augment", outputs(rd, "augment")) as counts:
-            augmented = augment(rd, engine, recipe, corpus)
-            counts.update(texts=len(corpus), empty_instructions=sum(not usable(r) for r in augmented),
-                          truncated=sum(bool(r.get(TRUNCATED)) for r in augmented))
-    augmented = io.read_jsonl(rd.data("augmented"))
 
-    # The seed-only forward model M0: the first curator
-    adapter_stage(rd, engine, "m0", "m0", lambda work: train_forward(engine, recipe, "m0", seed, [], work))
+def self_augment(ctx: Context) -> dict[str, Any]:
+    corpus = ctx.rows("corpus")
+    augmented = augment(ctx.rd, ctx.engine, ctx.recipe, corpus)
+    return {"texts": len(corpus), "empty_instructions": sum(not usable(r) for r in augmented),
+            "truncated": sum(bool(r.get(TRUNCATED)) for r in augmented)}
 
-    # Step 2: self-curation, then training on seed + curated pairs; each round's model curates the next
-    for k in range(1, recipe.forward.rounds + 1):
-        curator, name = f"m{k - 1}", f"m{k}"
-        if not rd.done(f"curate_r{k}"):
-            need(rd, engine, curator)
-            with rd.stage(f"curate_r{k}", outputs(rd, f"curate_r{k}")) as counts:
-                counts.update(curate(rd, engine, recipe, k, curator, augmented))
-        curated = io.read_jsonl(rd.data(f"curated_r{k}"))
-        adapter_stage(rd, engine, name, name, lambda work: train_forward(engine, recipe, name, seed, curated, work))
 
-    if recipe.toy is not None:
-        from minibt.toy.evaluate import evaluate_toy
+def self_curate(k: int) -> Callable[[Context], dict[str, Any]]:
+    return lambda ctx: curate(ctx.rd, ctx.engine, ctx.recipe, k, f"m{k - 1}", ctx.rows("augmented"))
 
-        # The paper's ablation: the same m1 training with curation switched off
-        every = [r for r in augmented if usable(r)]
-        adapter_stage(rd, engine, "m1_uncurated", "m1_uncurated", lambda work: train_forward(engine, recipe, "m1_uncurated", seed, every, work))
-        if not rd.done("evaluate"):
-            with rd.stage("evaluate") as counts:
-                counts.update(evaluate_toy(rd, engine, recipe))
+
+def train_forward_on(name: str, pairs: Callable[[Context], list[dict[str, Any]]] = lambda ctx: []) -> Callable[[Context], dict[str, Any]]:
+    """Training forward model `name` on the seed pairs plus `pairs(ctx)` (augmented ones, tagged so)."""
+    return lambda ctx: train_forward(ctx.engine, ctx.recipe, name, ctx.rows("seed"), pairs(ctx), ctx.rd.work(name))
+
+
+# --- the base model -------------------------------------------------------------------------------
 
 
 def load_engine(rd: RunDir, recipe: Recipe) -> Engine:
@@ -145,30 +142,3 @@ def open_engine(recipe: Recipe, base_model: str | None = None) -> Engine:
         own = base_model if base_model and Path(base_model).is_dir() else None
         model = dataclasses.replace(model, name=own or str(toy_base(recipe)))
     return Engine.load(model, recipe.lora, seed=recipe.run.seed)
-
-
-def need(rd: RunDir, engine: Engine, name: str) -> None:
-    """Make sure adapter `name` is on the engine: trained in this process, or loaded from the run."""
-    if name not in engine.adapters:
-        engine.load_adapter(name, rd.adapter(name))
-
-
-def adapter_stage(rd: RunDir, engine: Engine, stage: str, name: str, train: Callable[[Path], dict[str, Any]]) -> None:
-    """Train adapter `name` unless its stage is done; save it as a PEFT folder and log its loss curve.
-
-    Training checkpoints in work/<name>/ (see Engine.train) let a killed stage resume mid-training; they
-    are deleted once the stage is recorded done, the finished adapter being in adapters/<name>/.
-    """
-    if rd.done(stage) and rd.adapter(name).exists():
-        clear_checkpoints(rd.work(name))  # left behind if a run was killed just after the stage finished
-        return
-    if name in engine.adapters:  # a half-trained adapter from a failed attempt in this process
-        engine.delete_adapter(name)
-    with rd.stage(stage, outputs(rd, stage)) as counts:
-        with io.disk_errors(rd.work(name)):  # training checkpoints
-            result = train(rd.work(name))
-        with io.disk_errors(rd.adapter(name)):
-            engine.save_adapter(name, rd.adapter(name))
-        io.write_json(rd.path / "logs" / f"{name}.json", result.pop("log_history"))
-        counts.update(result)
-    clear_checkpoints(rd.work(name))

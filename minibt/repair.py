@@ -1,8 +1,8 @@
 """`minibt repair RUN_DIR`: rebuild a lost or corrupt manifest.json from the files of the run.
 
-recipe.yaml says which stages the run has (pipeline.plan). A stage whose outputs (pipeline.outputs) are
-all there and whole is recorded done, their rows and sha256 taken as they are now; the sharded stages
-(augment, curate_rK) and the toy evaluation are left pending, since a rerun rebuilds them from their
+recipe.yaml says which stages the run has (pipeline.stages). A stage whose outputs (Stage.files) are
+all there and whole is recorded done, their rows and sha256 taken as they are now; the inference stages
+(augment, curate_rK, the toy evaluation) are left pending, since a rerun rebuilds them from their
 shards in seconds, with their exact counts. The unreadable manifest is kept as manifest.json.corrupt.
 """
 
@@ -12,17 +12,15 @@ import datetime as dt
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 from minibt import io
 from minibt.errors import MinibtError
 from minibt.rundir import RunDir
 
-_REBUILT_ON_RERUN = ("augment", "curate_r", "evaluate")  # cheap to redo from their shards or the adapters
-
-
 def repair(path: str | Path) -> list[str]:
     """Write a new manifest.json for the run in `path`; returns one line per stage saying what it found."""
-    from minibt.pipeline import outputs, plan
+    from minibt.pipeline import stages
 
     rd = RunDir(path, read_manifest=False)
     if not (rd.path / "recipe.yaml").is_file():
@@ -46,27 +44,28 @@ def repair(path: str | Path) -> list[str]:
         base = _base_model(rd)
         if base:
             rd.manifest["base_model"] = base
-        for stage in plan(recipe):
-            expected = outputs(rd, stage)
+        for stage in stages(recipe):
+            expected = stage.files(rd)
             files = [p for p in expected if p.is_file()]
-            why = _not_done(rd, stage, expected, toy=recipe.toy is not None)
+            why = _not_done(rd, stage, expected)
             if why:
-                lines.append(f"{stage}: pending ({why})")
+                lines.append(f"{stage.name}: pending ({why})")
                 continue
             for p in files:
                 rd.record(p, save=False)
-            rd.manifest["stages"][stage] = {"status": "done", "counts": {"rebuilt": True}, "outputs": [rd.rel(p) for p in files]}
-            lines.append(f"{stage}: done ({', '.join(rd.rel(p) for p in files)})")
+            rd.manifest["stages"][stage.name] = {"status": "done", "counts": {"rebuilt": True}, "outputs": [rd.rel(p) for p in files]}
+            lines.append(f"{stage.name}: done ({', '.join(rd.rel(p) for p in files)})")
         rd.save()
     return lines
 
 
-def _not_done(rd: RunDir, stage: str, expected: list[Path], toy: bool) -> str | None:
-    """Why `stage` cannot be taken as done from the files it left (`expected`: its outputs); None if it can."""
-    if stage.startswith(_REBUILT_ON_RERUN):
-        return "a rerun rebuilds it from its shards" if stage != "evaluate" else "a rerun recomputes it"
-    if stage == "prepare":
-        needed = [p for p in expected if toy or p.stem in ("seed", "corpus")]  # the toy world's eval and ratings too
+def _not_done(rd: RunDir, stage: Any, expected: list[Path]) -> str | None:
+    """Why `stage` (a pipeline Stage) cannot be taken as done from the files it left (`expected`: its
+    outputs); None if it can."""
+    if not stage.adapter and stage.uses != "cpu":  # inference: cheap to redo from its shards or the adapters
+        return "a rerun rebuilds it from its shards" if stage.outputs else "a rerun recomputes it"
+    if not stage.adapter:  # prepare: the seed and corpus (and a world's own files)
+        needed = expected
         missing = [rd.rel(p) for p in needed if not p.is_file()]
         if missing:
             return f"no {', '.join(missing)}"

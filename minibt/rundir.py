@@ -256,8 +256,6 @@ class RunDir:
             entry.update(status="failed", error=f"{type(e).__name__}: {e}"[:500], seconds=round(time.time() - t0, 1))
             with contextlib.suppress(MinibtError):  # a full disk: the error to show is `e`; "running" resumes too
                 self.save()
-            if isinstance(e, Exception):  # not on Ctrl-C: leave at once
-                self.report()
             raise
         written = [p for p in outputs if Path(p).is_file()]
         for p in written:
@@ -265,13 +263,6 @@ class RunDir:
         entry.update(status="done", finished=_now(), seconds=round(time.time() - t0, 1), counts=counts,
                      outputs=[self.rel(p) for p in written])
         self.save()
-        self.report()
-
-    def report(self) -> None:
-        """Rebuild report.md (minibt/report.py); a failure is logged, never raised."""
-        from minibt.report import safe_build_report
-
-        safe_build_report(self.path)
 
 
 def _read_manifest(path: Path) -> dict[str, Any]:

@@ -1,0 +1,90 @@
+"""A stage of the method as minibt/pipeline.py declares it, and the one protocol every stage runs through.
+
+`run_stage`: a stage that is done (recorded so, its outputs as they were written) is skipped; any
+other is recorded in the manifest (running -> done with its counts and its outputs' rows and sha256,
+or failed) and the run's report is rebuilt after it. A stage that trains an adapter also resumes from
+its checkpoints in work/<adapter>/, is saved as a PEFT folder adapters/<adapter>/ with its loss curve
+in logs/<adapter>.json, and its checkpoints are deleted once it is done.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+from minibt import io
+from minibt.engine import clear_checkpoints
+from minibt.report import safe_build_report
+from minibt.recipe import Recipe
+from minibt.rundir import WEIGHTS, RunDir
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    run: Callable[["Context"], dict[str, Any]]  # does the work; returns its counts for the manifest
+    outputs: tuple[str, ...] = ()  # the data files (data/<name>.jsonl) it leaves for later stages
+    needs: tuple[str, ...] = ()  # adapters it uses: put on the engine before it runs
+    adapter: str | None = None  # the adapter it trains (its weights are then its output)
+    # what it asks of the hardware, for the memory estimate (minibt/memory.py); a stage that trains is "train"
+    uses: Literal["cpu", "score", "generate"] = "generate"
+    batch_size: int = 0  # "generate": prompts per batch
+
+    def files(self, rd: RunDir) -> list[Path]:
+        """Its outputs' paths: their rows and sha256 are recorded when it finishes, checked before reuse."""
+        return [rd.data(n) for n in self.outputs] + ([rd.adapter(self.adapter) / WEIGHTS] if self.adapter else [])
+
+
+class Context:
+    """What a stage works with: the locked run directory, the recipe, the run's data files and the
+    engine, loaded on first use (a rerun with nothing left to do loads no model)."""
+
+    def __init__(self, rd: RunDir, recipe: Recipe, load_engine: Callable[[], Any]):
+        self.rd, self.recipe = rd, recipe
+        self._load, self._engine = load_engine, None
+
+    @property
+    def engine(self) -> Any:
+        if self._engine is None:
+            self._engine = self._load()
+        return self._engine
+
+    def rows(self, name: str) -> list[dict[str, Any]]:
+        """data/<name>.jsonl, as a finished stage wrote it."""
+        return io.read_jsonl(self.rd.data(name))
+
+
+def run_stage(ctx: Context, stage: Stage) -> bool:
+    """Run `stage` unless it is done; True if it ran now."""
+    rd = ctx.rd
+    if rd.done(stage.name) and (stage.adapter is None or rd.adapter(stage.adapter).exists()):
+        if stage.adapter:
+            clear_checkpoints(rd.work(stage.adapter))  # left behind if a run was killed just after the stage finished
+        return False
+    for name in stage.needs:  # trained in this process, or loaded from the run
+        if name not in ctx.engine.adapters:
+            ctx.engine.load_adapter(name, rd.adapter(name))
+    if stage.adapter and stage.adapter in ctx.engine.adapters:  # half-trained by a failed attempt in this process
+        ctx.engine.delete_adapter(stage.adapter)
+    try:
+        with rd.stage(stage.name, stage.files(rd)) as counts:
+            counts.update(_train(ctx, stage) if stage.adapter else stage.run(ctx))
+    except Exception:  # not on Ctrl-C: leave at once
+        safe_build_report(rd.path)
+        raise
+    safe_build_report(rd.path)
+    if stage.adapter:
+        clear_checkpoints(rd.work(stage.adapter))
+    return True
+
+
+def _train(ctx: Context, stage: Stage) -> dict[str, Any]:
+    """Train the stage's adapter (resuming from work/<adapter>/, see Engine.train), save it and its loss curve."""
+    rd, name = ctx.rd, stage.adapter
+    with io.disk_errors(rd.work(name)):  # training checkpoints
+        result = stage.run(ctx)
+    with io.disk_errors(rd.adapter(name)):
+        ctx.engine.save_adapter(name, rd.adapter(name))
+    io.write_json(rd.path / "logs" / f"{name}.json", result.pop("log_history"))
+    return result
