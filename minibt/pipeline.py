@@ -41,14 +41,16 @@ def stages(recipe: Recipe) -> list[Stage]:
         # Step 0: the backward model M_yx, trained on the seed pairs reversed (output -> instruction)
         Stage("backward", train_backward, adapter=MYX),
         # Step 1: self-augmentation: M_yx writes an instruction for every unlabelled text
-        Stage("augment", self_augment, outputs=("augmented",), needs=(MYX,), batch_size=recipe.augment.batch_size),
+        Stage("augment", self_augment, outputs=("augmented",), needs=(MYX,), batch_size=recipe.augment.batch_size,
+              spreads=True),
         # The seed-only forward model M0: the first curator
         Stage("m0", train_forward_on("m0"), adapter="m0"),
     ]
     # Step 2: self-curation, then training on seed + curated pairs; each round's model curates the next
     for k in range(1, recipe.forward.rounds + 1):
         method += [
-            Stage(f"curate_r{k}", self_curate(k), outputs=(f"scored_r{k}", f"curated_r{k}"), needs=(f"m{k - 1}",), uses="score"),
+            Stage(f"curate_r{k}", self_curate(k), outputs=(f"scored_r{k}", f"curated_r{k}"), needs=(f"m{k - 1}",), uses="score",
+                  spreads=True),
             Stage(f"m{k}", train_forward_on(f"m{k}", lambda ctx, k=k: ctx.rows(f"curated_r{k}")), adapter=f"m{k}"),
         ]
     if recipe.toy is not None:
@@ -74,8 +76,14 @@ def run(recipe: Recipe, out: str | Path, fresh: bool = False) -> RunDir:
     try:
         import_backend(recipe.model.backend)
         ctx = Context(rd, recipe, lambda: load_engine(rd, recipe))
-        for stage in stages(recipe):
-            run_stage(ctx, stage)
+        method = stages(recipe)
+        try:
+            for stage in method:
+                run_stage(ctx, stage)
+                if stage is method[0] and any(s.spreads and not rd.done(s.name) for s in method):
+                    ctx.start_workers()  # after prepare, before training: Ray workers load the base while this trains
+        finally:
+            ctx.close()
     finally:
         rd.unlock()
     return rd
@@ -109,13 +117,13 @@ def train_backward(ctx: Context) -> dict[str, Any]:
 
 def self_augment(ctx: Context) -> dict[str, Any]:
     corpus = ctx.rows("corpus")
-    augmented = augment(ctx.rd, ctx.engine, ctx.recipe, corpus)
+    augmented = augment(ctx.rd, ctx.engine, ctx.recipe, corpus, ctx.workers)
     return {"texts": len(corpus), "empty_instructions": sum(not usable(r) for r in augmented),
-            "truncated": sum(bool(r.get(TRUNCATED)) for r in augmented)}
+            "truncated": sum(bool(r.get(TRUNCATED)) for r in augmented), **ctx.workers.counts("augment")}
 
 
 def self_curate(k: int) -> Callable[[Context], dict[str, Any]]:
-    return lambda ctx: curate(ctx.rd, ctx.engine, ctx.recipe, k, f"m{k - 1}", ctx.rows("augmented"))
+    return lambda ctx: curate(ctx.rd, ctx.engine, ctx.recipe, k, f"m{k - 1}", ctx.rows("augmented"), ctx.workers)
 
 
 def train_forward_on(name: str, pairs: Callable[[Context], list[dict[str, Any]]] = lambda ctx: []) -> Callable[[Context], dict[str, Any]]:

@@ -82,6 +82,12 @@ class Workers:
     def compute(self, tasks: list[Task], bar: Any) -> Iterator[tuple[int, list[dict[str, Any]]]]:
         raise NotImplementedError
 
+    def before_training(self) -> None:
+        """The driver is about to train: hand back whatever it needs for that (RayWorkers: GPUs)."""
+
+    def close(self) -> None:
+        """The run is over (or failed): stop what was started for it."""
+
 
 class InProcess(Workers):
     """workers=1: the run's engine computes the shards one after another, here."""
@@ -106,19 +112,18 @@ class Runner:
         return self.workers.compute([Task(self.work, k, rows) for k, rows in jobs], bar)
 
 
-@contextlib.contextmanager
-def open_workers(recipe: Any, engine: Any, factory: Callable[[Any, str], Any] | None = None) -> Iterator[Workers]:
-    """The run's workers: the run's own engine for workers=1 (Ray never imported), else Ray actors,
-    started now so they load the base while the driver trains, and stopped (with a local Ray) at the end."""
+def start_workers(recipe: Any, engine: Any, factory: Callable[[Any, str], Any] | None = None) -> Workers:
+    """The run's workers: its own engine for workers=1 (Ray never imported), else Ray actors started
+    now, so that they load the base while the driver trains; `close()` stops them (and a local Ray)."""
     if recipe.inference.workers == 1:
-        yield InProcess(engine)
-        return
+        return InProcess(engine)
     pool = RayWorkers(recipe, engine.model_cfg.name, factory)
     try:
         pool.start()
-        yield pool
-    finally:
+    except BaseException:
         pool.close()
+        raise
+    return pool
 
 
 class RayWorkers(Workers):
@@ -147,6 +152,9 @@ class RayWorkers(Workers):
         if have.get(kind, 0) < needed:
             raise MinibtError(f"inference.workers: {self.count} workers need {needed} {kind}s, the Ray cluster has {have.get(kind, 0):g}")
         self.progress = ray.remote(num_cpus=0)(_Progress).remote()
+        self._start_actors()
+
+    def _start_actors(self) -> None:
         self.actors = [self._new_actor() for _ in range(self.count)]
         log.info("workers: %d Ray workers starting (%s each)", self.count, "1 GPU" if self.gpus else "1 CPU")
 
@@ -157,13 +165,24 @@ class RayWorkers(Workers):
         actor.warm.remote()  # load the base now, while the driver is busy
         return actor
 
-    def close(self) -> None:
+    def before_training(self) -> None:
+        """On GPUs the workers let go of theirs (one shares the driver's): the next stage starts new ones.
+        On CPUs they stay, warm, in their own processes."""
+        if self.gpus:
+            self._stop_actors()
+
+    def _stop_actors(self) -> None:
         import ray
 
         for actor in self.actors:
             with contextlib.suppress(Exception):
                 ray.kill(actor)
         self.actors = []
+
+    def close(self) -> None:
+        import ray
+
+        self._stop_actors()
         if self.own_cluster and ray.is_initialized():
             ray.shutdown()
 
@@ -182,6 +201,8 @@ class RayWorkers(Workers):
 
         if not tasks:
             return
+        if not self.actors:  # let go of before a training stage
+            self._start_actors()
         files = self._ship(tasks[0].work)
         queue = collections.deque(tasks)
         running: dict[Any, tuple[int, Task]] = {}  # the task's ref -> (worker slot, task)

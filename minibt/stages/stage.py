@@ -18,6 +18,7 @@ from minibt.engine import clear_checkpoints
 from minibt.report import safe_build_report
 from minibt.recipe import Recipe
 from minibt.rundir import WEIGHTS, RunDir
+from minibt.workers import Workers, start_workers
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,7 @@ class Stage:
     # what it asks of the hardware, for the memory estimate (minibt/memory.py); a stage that trains is "train"
     uses: Literal["cpu", "score", "generate"] = "generate"
     batch_size: int = 0  # "generate": prompts per batch
+    spreads: bool = False  # its shards run on the run's workers (inference.workers, minibt/workers.py)
 
     def files(self, rd: RunDir) -> list[Path]:
         """Its outputs' paths: their rows and sha256 are recorded when it finishes, checked before reuse."""
@@ -37,18 +39,40 @@ class Stage:
 
 
 class Context:
-    """What a stage works with: the locked run directory, the recipe, the run's data files and the
-    engine, loaded on first use (a rerun with nothing left to do loads no model)."""
+    """What a stage works with: the locked run directory, the recipe, the run's data files, the
+    engine, loaded on first use (a rerun with nothing left to do loads no model), and the workers that
+    the shards of stages that spread run on (`close()` stops them)."""
 
     def __init__(self, rd: RunDir, recipe: Recipe, load_engine: Callable[[], Any]):
         self.rd, self.recipe = rd, recipe
         self._load, self._engine = load_engine, None
+        self._workers: Workers | None = None
 
     @property
     def engine(self) -> Any:
         if self._engine is None:
             self._engine = self._load()
         return self._engine
+
+    @property
+    def workers(self) -> Workers:
+        """The run's workers, started on first use: this process's engine, or inference.workers Ray actors."""
+        return self.start_workers()
+
+    def start_workers(self) -> Workers:
+        if self._workers is None:
+            self._workers = start_workers(self.recipe, self.engine)
+        return self._workers
+
+    def before_training(self) -> None:
+        """Started workers hand back what training needs (GPUs: workers.RayWorkers.before_training)."""
+        if self._workers is not None:
+            self._workers.before_training()
+
+    def close(self) -> None:
+        if self._workers is not None:
+            self._workers.close()
+            self._workers = None
 
     def rows(self, name: str) -> list[dict[str, Any]]:
         """data/<name>.jsonl, as a finished stage wrote it."""
@@ -67,6 +91,8 @@ def run_stage(ctx: Context, stage: Stage) -> bool:
             ctx.engine.load_adapter(name, rd.adapter(name))
     if stage.adapter and stage.adapter in ctx.engine.adapters:  # half-trained by a failed attempt in this process
         ctx.engine.delete_adapter(stage.adapter)
+    if stage.adapter:
+        ctx.before_training()
     try:
         with rd.stage(stage.name, stage.files(rd)) as counts:
             counts.update(_train(ctx, stage) if stage.adapter else stage.run(ctx))
