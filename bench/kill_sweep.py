@@ -165,7 +165,7 @@ def main() -> None:
 
     # the small base, pretrained once and cached, so that neither timed run includes it
     subprocess.run([sys.executable, "-c", "import sys, torch; torch.set_num_threads(1); from minibt.recipe import load_recipe; "
-                    "from minibt.stages.prepare import toy_base; print(toy_base(load_recipe(sys.argv[1])))", str(recipe_path)],
+                    "from minibt.toy.plugin import toy_base; print(toy_base(load_recipe(sys.argv[1])))", str(recipe_path)],
                    check=True, cwd=ROOT)
     print("reference run ...", flush=True)
     ref_wall = Run(recipe_path, reference).wait()

@@ -542,12 +542,12 @@ def run_bench(settings: Settings, recipe_path: str | os.PathLike | None = None, 
         torch.set_num_threads(1)  # two threads collapse on small shared VMs (STACK-NOTES)
     recipe_path = Path(recipe_path) if recipe_path else default_recipe_path()
     recipe = load_recipe(recipe_path, [f"model.max_length={settings.max_length}", f"model.backend={backend}", *overrides])
-    if recipe.toy is None:
+    if recipe.world is None:
         raise ValueError("minibt bench needs a recipe with a `toy` section (its world supplies data and ratings)")
     import_backend(recipe.model.backend)
     from minibt.stages.augment import write_instructions
     from minibt.stages.backward import MYX, backward_prompt, backward_rows
-    from minibt.stages.prepare import toy_base, toy_world
+    from minibt.toy.plugin import toy_base, toy_world
     from minibt.roles import build_prompts
 
     memory = Memory()

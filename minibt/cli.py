@@ -117,19 +117,19 @@ def prepare(recipe_path: Path, overrides: tuple[str, ...], out: Path | None, fre
 
 
 def summary(rd) -> str:
-    """A few lines: what each stage kept, and the toy world's metrics when there are any."""
+    """A few lines: what each stage kept, and the metrics of the run's world (the toy's) when there are any."""
     lines = [f"run: {rd.path}  (base loaded {rd.manifest.get('base_loads', '?')}x, backend {rd.manifest.get('backend', '?')})"]
     from minibt.report import describe_stage
+    from minibt.worlds import world_of
 
+    world = world_of(rd.recipe())
     for name, entry in rd.manifest["stages"].items():
-        what = describe_stage(name, entry.get("counts", {}))  # kept/dropped per filter and threshold
+        what = describe_stage(name, entry.get("counts", {}), world)  # kept/dropped per filter and threshold
         lines.append(f"  {name:<14} {entry['status']:<8} {entry.get('seconds', 0):>7.1f}s  {what}")
     metrics = rd.path / "metrics.json"
     if metrics.exists():
-        from minibt.toy.evaluate import format_metrics
-
         values = json.loads(metrics.read_text())
-        readable = format_metrics(values)  # the toy world's ground-truth metrics and the paper's claims
+        readable = world.metrics_lines(values) if world else []  # e.g. the toy world's ground truth and the paper's claims
         lines += [f"metrics ({metrics}):", *readable] if readable else ["metrics: " + json.dumps(values)]
     if (rd.path / "report.md").exists():
         lines.append(f"report: {rd.path / 'report.md'}  (plots in {rd.path / 'plots'})")

@@ -8,7 +8,7 @@ pairwise   two adapters (default m1 vs m0) answer held-out instructions; a judge
            rate comes with a 95 % Wilson interval.
 ifeval     IFEval's strict/loose instruction-following accuracy through lm-evaluation-harness (the
            optional extra `minibt[eval]`), on the base with one adapter (lm_eval's HF model, peft=).
-toy        the toy world's ground-truth metrics, recomputed (minibt/toy/evaluate.py).
+toy        the run's world's own metrics (the toy world's ground truth), recomputed (minibt/worlds.py).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from minibt import io, prompts
 from minibt.engine import BASE, Engine, compute_dtype, has_gpu
 from minibt.errors import MinibtError
 from minibt.rundir import RunDir
+from minibt.worlds import world_of
 
 log = logging.getLogger("minibt.eval")
 
@@ -336,6 +337,9 @@ def run_eval(run_dir: str | Path, compare: tuple[str, str] | None = ("m1", "m0")
         raise MinibtError("give --judge ADAPTER or --judge-model PATH, not both")
     if ifeval_adapters:
         require_lm_eval()  # say so before anything loads
+    world = world_of(run.recipe()) if toy else None
+    if toy and world is None:
+        raise MinibtError("--toy: this run was not made by a toy-world recipe")
     updates: dict[str, Any] = {}
     if compare or toy:
         from minibt.session import open_run
@@ -358,16 +362,10 @@ def run_eval(run_dir: str | Path, compare: tuple[str, str] | None = ("m1", "m0")
             io.write_jsonl(run.path / "eval" / f"pairwise_{a}_vs_{b}.jsonl", rows)
             updates["pairwise"] = {f"{a}_vs_{b}": summary}
             merge_metrics(run.path, updates)
-        if toy:
-            if run.recipe().toy is None:
-                raise MinibtError("--toy: this run was not made by a toy-world recipe")
-            from minibt.toy.evaluate import evaluate_toy
-
-            before = json.loads((run.path / "metrics.json").read_text()) if (run.path / "metrics.json").is_file() else {}
-            toy_metrics = evaluate_toy(run, session.engine, session.recipe)  # writes metrics.json whole...
-            io.write_json(run.path / "metrics.json", before)  # ...so put back what was there, then merge
-            merge_metrics(run.path, toy_metrics)
-            updates.update(toy_metrics)
+        if world is not None:  # the world's own metrics (minibt/worlds.py), merged like every other part
+            part = world.evaluate(run, session.engine, session.recipe)
+            merge_metrics(run.path, part)
+            updates.update(part)
         del session
         _free_memory()
     for adapter in ifeval_adapters:

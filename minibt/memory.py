@@ -1,6 +1,6 @@
 """Peak GPU memory of a recipe, per stage, estimated from the model's shape: no weights are loaded.
 
-The shape comes from, in order: the toy world's config (toy recipes); the model's `config.json`
+The shape comes from, in order: a world's config (minibt/worlds.py: the toy world's); the model's `config.json`
 (a local folder, the Hugging Face cache, or one quick download of that one file); a small table of
 known shapes matched by model name (offline). Failing all three the estimate says it is unavailable
 rather than guessing.
@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from minibt.recipe import Recipe
+from minibt.worlds import world_of
 
 GiB = 1024**3
 NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)  # codes + 8-bit absmax per 64 + fp32 per 256 absmaxes
@@ -152,14 +153,6 @@ def shape_from_config(cfg: Any) -> Shape:
     )
 
 
-def toy_shape(toy: dict[str, Any]) -> Shape:
-    """The toy world's tiny Llama (minibt/toy/base.py), without building it: vocab is its upper bound."""
-    from minibt.toy.world import WorldConfig
-
-    cfg = WorldConfig(**toy)
-    return _llama(cfg.vocab_size, cfg.hidden_size, cfg.hidden_size * 8 // 3, cfg.layers, cfg.heads, cfg.heads, tied=True)
-
-
 # --- finding the config without loading the model -------------------------------------------
 
 
@@ -205,8 +198,9 @@ def _with_defaults(raw: dict[str, Any]) -> Any:
 
 def find_shape(recipe: Recipe) -> tuple[Optional[Shape], str]:
     """(shape, where it came from) or (None, why there is none)."""
-    if recipe.toy is not None:
-        return toy_shape(recipe.toy), "from the toy world's config"
+    world = world_of(recipe)
+    if world is not None:
+        return world.shape(recipe), f"from {world.title}'s config"
     name = recipe.model.name
     raw = load_config(name, recipe.model.revision)
     if raw is not None:
@@ -314,7 +308,8 @@ def estimate(recipe: Recipe, stages: Optional[list[Any]] = None) -> MemoryEstima
     from minibt.pipeline import stages as declared
 
     shape, source = find_shape(recipe)
-    name = recipe.model.name or "the toy world's base"
+    world = world_of(recipe)
+    name = f"{world.title}'s base" if world is not None else recipe.model.name
     if shape is None:
         return MemoryEstimate(name, source)
     return MemoryEstimate(

@@ -11,7 +11,6 @@ run directory's manifest; a rerun skips what is done and resumes what is not.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from pathlib import Path
 from typing import Any, Callable
@@ -24,8 +23,10 @@ from minibt.stages.augment import TRUNCATED, augment, usable
 from minibt.stages.backward import MYX, train_myx
 from minibt.stages.curate import curate
 from minibt.stages.forward import train_forward
-from minibt.stages.prepare import prepare, toy_base
+from minibt.stages.prepare import prepare
 from minibt.stages.stage import Context, Stage, run_stage
+from minibt.base_model import open_engine
+from minibt.worlds import world_of
 
 log = logging.getLogger("minibt")
 
@@ -35,9 +36,11 @@ def stages(recipe: Recipe) -> list[Stage]:
 
     A new stage is one entry here: its name, the function that runs it (a Context in, its counts out),
     the data files it leaves (`outputs`), the adapters it uses (`needs`) or the one it trains (`adapter`).
+    A world (the toy world) adds its own stages at the end: minibt/worlds.py.
     """
+    world = world_of(recipe)
     method = [
-        Stage("prepare", prepare_data, outputs=prepared(recipe), uses="cpu"),
+        Stage("prepare", prepare_data, outputs=("seed", "corpus", *(world.data_files if world else ())), uses="cpu"),
         # Step 0: the backward model M_yx, trained on the seed pairs reversed (output -> instruction)
         Stage("backward", train_backward, adapter=MYX),
         # Step 1: self-augmentation: M_yx writes an instruction for every unlabelled text
@@ -53,16 +56,7 @@ def stages(recipe: Recipe) -> list[Stage]:
                   spreads=True),
             Stage(f"m{k}", train_forward_on(f"m{k}", lambda ctx, k=k: ctx.rows(f"curated_r{k}")), adapter=f"m{k}"),
         ]
-    if recipe.toy is not None:
-        from minibt.toy.evaluate import evaluate_toy
-
-        method += [
-            # The paper's ablation: the same m1 training with curation switched off
-            Stage("m1_uncurated", train_forward_on("m1_uncurated", lambda ctx: [r for r in ctx.rows("augmented") if usable(r)]),
-                  adapter="m1_uncurated"),
-            Stage("evaluate", lambda ctx: evaluate_toy(ctx.rd, ctx.engine, ctx.recipe), batch_size=64),
-        ]
-    return method
+    return method + (world.stages(recipe) if world else [])
 
 
 def plan(recipe: Recipe) -> list[str]:
@@ -71,7 +65,7 @@ def plan(recipe: Recipe) -> list[str]:
 
 
 def run(recipe: Recipe, out: str | Path, fresh: bool = False) -> RunDir:
-    require_device(recipe.model.device, toy=recipe.toy is not None)  # before any download or load
+    require_device(recipe.model.device, toy=world_of(recipe) is not None)  # before any download or load
     rd = RunDir.create(out, recipe, fresh=fresh)  # locked: a second run on this folder is refused
     try:
         import_backend(recipe.model.backend)
@@ -100,11 +94,6 @@ def prepare_only(recipe: Recipe, out: str | Path, fresh: bool = False) -> tuple[
 
 
 # --- what each stage does -------------------------------------------------------------------------
-
-
-def prepared(recipe: Recipe) -> tuple[str, ...]:
-    """data/seed.jsonl and data/corpus.jsonl (and the toy world's eval, backward_eval and ratings files)."""
-    return ("seed", "corpus") + (("eval", "backward_eval", "ratings") if recipe.toy is not None else ())
 
 
 def prepare_data(ctx: Context) -> dict[str, Any]:
@@ -140,13 +129,3 @@ def load_engine(rd: RunDir, recipe: Recipe) -> Engine:
     rd.manifest.update(base_model=engine.model_cfg.name, backend=engine.backend, base_loads=engine.base_loads)
     rd.save()
     return engine
-
-
-def open_engine(recipe: Recipe, base_model: str | None = None) -> Engine:
-    """Load the recipe's base model: for the toy world, the run's own pretrained base (`base_model`
-    from its manifest, so later changes to the world's code cannot swap it), else built or cached."""
-    model = recipe.model
-    if recipe.toy is not None:
-        own = base_model if base_model and Path(base_model).is_dir() else None
-        model = dataclasses.replace(model, name=own or str(toy_base(recipe)))
-    return Engine.load(model, recipe.lora, seed=recipe.run.seed)

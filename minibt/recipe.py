@@ -18,6 +18,7 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from minibt import worlds
 from minibt.checks import looks_local, unused
 from minibt.errors import RecipeError
 from minibt.sections import (  # noqa: F401 - re-exported: `from minibt.recipe import ModelSection` is the public name
@@ -49,10 +50,15 @@ class Recipe:
     rewrite: RewriteSection = field(default_factory=RewriteSection)  # optional stage rewrite_r{k}, off by default
     inference: InferenceSection = field(default_factory=InferenceSection)  # how inference stages run: workers, engine
     # a new section: its dataclass in minibt/sections.py and a field here
-    toy: Optional[dict[str, Any]] = None  # the toy world's knobs (minibt/toy), validated there
+    # a world's section (minibt/worlds.py), e.g. the toy world's `toy:`: that world's own dataclass,
+    # written under its section's key; None on real data
+    world: Optional[Any] = field(default=None, metadata={"key": False})
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        out = {f.name: dataclasses.asdict(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "world"}
+        if self.world is not None:
+            out[worlds.world_of(self).section] = dataclasses.asdict(self.world)
+        return out
 
 
 # --- loading --------------------------------------------------------------------------------
@@ -83,11 +89,12 @@ def load_recipe(path: str | os.PathLike, overrides: tuple[str, ...] | list[str] 
 
 
 def from_dict(raw: dict[str, Any], base_dir: Path | None = None) -> Recipe:
-    recipe = _build(Recipe, raw, "")
-    if recipe.toy is not None:  # before the sections' own checks: this is the reason to give
-        _refuse_with_toy(recipe)
+    raw, world, world_raw = _world_section(raw)
+    recipe = _build(Recipe, raw, "", also=worlds.sections())
+    if world is not None:  # before the sections' own checks: this is the reason to give
+        _refuse_with_world(recipe, world)
     _check(recipe, "")
-    if recipe.toy is None:
+    if world is None:
         for key in ("seed", "corpus"):
             section = getattr(recipe, key)
             if not section.path and not section.dataset:
@@ -102,27 +109,38 @@ def from_dict(raw: dict[str, Any], base_dir: Path | None = None) -> Recipe:
             raise RecipeError("curate.calibrate: needs curate.ratings (a JSONL of pairs rated 1-5)")
         if looks_local(recipe.model.name) and not Path(recipe.model.name).expanduser().exists():
             raise RecipeError(f"model.name: local folder {recipe.model.name} not found")
-    else:
-        from minibt.toy.world import WorldConfig  # the toy world validates its own section
-
-        world = _build(WorldConfig, recipe.toy, "toy")
-        _check(world, "toy")
-        recipe.toy = dataclasses.asdict(world)
+    else:  # the world's own section, typed and checked like the others
+        recipe.world = _build(world.config, world_raw, world.section)
+        _check(recipe.world, world.section)
     if recipe.curate.ratings:
         recipe.curate.ratings = str(_resolve(recipe.curate.ratings, base_dir, "curate.ratings"))
     return recipe
 
 
-TOY_MAKES = {"seed": "its own seed", "corpus": "its own corpus"}
-TOY_MODEL_KEYS = ("name", "revision", "trust_remote_code", "chat_template")  # its base has minibt's template
+def _world_section(raw: Any) -> tuple[Any, worlds.World | None, dict[str, Any]]:
+    """`raw` without its world section, the world it names (None: real data) and that section."""
+    if not isinstance(raw, dict):
+        return raw, None, {}
+    present = [s for s in worlds.sections() if raw.get(s) is not None]
+    if len(present) > 1:
+        raise RecipeError(f"{present[1]}: a recipe holds one world section, and {present[0]} is there too; remove one")
+    rest = {k: v for k, v in raw.items() if k not in worlds.sections()}
+    if not present:
+        return rest, None, {}
+    return rest, worlds.named(present[0]), raw[present[0]]
 
 
-def _refuse_with_toy(recipe: Recipe) -> None:
-    for key, what in TOY_MAKES.items():
+WORLD_MAKES = {"seed": "its own seed", "corpus": "its own corpus"}
+WORLD_MODEL_KEYS = ("name", "revision", "trust_remote_code", "chat_template")  # its base has minibt's template
+
+
+def _refuse_with_world(recipe: Recipe, world: worlds.World) -> None:
+    """A world makes the seed, the corpus and the base: the keys that would choose them do nothing."""
+    for key, what in WORLD_MAKES.items():
         section = getattr(recipe, key)
         unused(key, section, [f.name for f in dataclasses.fields(section)],
-                f"the toy world makes {what}; remove the key or the toy section")
-    unused("model", recipe.model, TOY_MODEL_KEYS, "the toy world builds its own base; remove the key or the toy section")
+               f"{world.title} makes {what}; remove the key or the {world.section} section")
+    unused("model", recipe.model, WORLD_MODEL_KEYS, f"{world.title} builds its own base; remove the key or the {world.section} section")
 
 
 def _apply_override(raw: dict[str, Any], item: str) -> None:
@@ -140,12 +158,13 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
     node[keys[-1]] = yaml.safe_load(value) if value.strip() else ""
 
 
-def _build(cls: type, raw: Any, key: str) -> Any:
+def _build(cls: type, raw: Any, key: str, also: typing.Sequence[str] = ()) -> Any:
+    """`cls` from the mapping `raw` at `key`; `also`: more valid keys, read elsewhere (world sections)."""
     where = key or "recipe"
     if not isinstance(raw, dict):
         raise RecipeError(f"{where}: expected a mapping of keys, got {_kind(raw)}")
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
+    names = [f.name for f in dataclasses.fields(cls) if f.metadata.get("key", True)] + list(also)
     kwargs = {}
     for k, v in raw.items():
         full = f"{key}.{k}" if key else str(k)

@@ -1,13 +1,15 @@
 """What a run did, in one page: report.md (plus PNG plots under plots/) in the run directory.
 
-Rebuilt after every stage (RunDir.stage calls `safe_build_report`) and by `minibt report RUN_DIR`.
+Rebuilt after every stage (minibt/stages/stage.py's run_stage calls `safe_build_report`) and by
+`minibt report RUN_DIR`. A run's world (minibt/worlds.py) adds its lines: the toy world splits the
+score histograms by ground truth and tabulates its forward accuracies.
 Everything comes from files the run already wrote:
 
     manifest.json            per-stage status, seconds and counts
     data/scored_r{k}.jsonl   every scored pair of curation round k -> score histogram, kept/dropped samples
     data/augmented.jsonl, data/curated_r{k}.jsonl   -> instruction and output length distributions
     logs/<adapter>.json      trl log_history -> training loss curves
-    metrics.json             the toy world's ground truth, `minibt eval` results (pairwise, IFEval)
+    metrics.json             a world's ground truth (the toy's), `minibt eval` results (pairwise, IFEval)
 """
 
 from __future__ import annotations
@@ -19,7 +21,10 @@ import re
 from pathlib import Path
 from typing import Any, Sequence
 
+import yaml
+
 from minibt import io
+from minibt.worlds import World, of_run
 
 log = logging.getLogger("minibt.report")
 
@@ -45,9 +50,13 @@ def _read_label(src: str, v: dict[str, Any]) -> str:
     return label + (f", segmented into {passages} passages" if passages not in (None, docs) else "")
 
 
-def describe_stage(name: str, counts: dict[str, Any]) -> str:
-    """One line: what a stage read, kept and dropped (per filter, per threshold)."""
+def describe_stage(name: str, counts: dict[str, Any], world: World | None = None) -> str:
+    """One line: what a stage read, kept and dropped (per filter, per threshold); a run's `world`
+    describes its prepare and its own stages."""
     c = counts or {}
+    said = world.describe(name, c) if world is not None else None
+    if said is not None:
+        return said
     if name == "prepare":
         parts = []
         for src in ("seed", "corpus"):
@@ -56,10 +65,6 @@ def describe_stage(name: str, counts: dict[str, Any]) -> str:
                 dropped = _nonzero(v, ("read", "kept", "documents", "passages", "trees"))
                 parts.append(f"{src}: {_read_label(src, v)} -> {v.get('kept', '?')} {'passages' if src == 'corpus' else 'pairs'} kept"
                              + (f" (dropped: {dropped})" if dropped else ""))
-            elif v is not None:  # the toy world: plain numbers
-                parts.append(f"{src}: {v} {'pairs' if src == 'seed' else 'texts'} from the toy world")
-        if "noise_fraction" in c:
-            parts.append(f"noise {c['noise_fraction']:.0%}")
         return "; ".join(parts)
     if name == "augment":
         return f"{c.get('texts', '?')} texts -> instructions" + (f" ({_nonzero(c, ('texts',))})" if _nonzero(c, ("texts",)) else "")
@@ -71,8 +76,6 @@ def describe_stage(name: str, counts: dict[str, Any]) -> str:
         return line + (f"; also {extra}" if extra else "")
     if "train_loss" in c:
         return f"{c.get('examples', '?')} examples, {c.get('steps', '?')} steps, final mean loss {c['train_loss']}"
-    if name == "evaluate":
-        return "metrics.json"
     return json.dumps({k: v for k, v in c.items() if not isinstance(v, (dict, list))})
 
 
@@ -97,15 +100,6 @@ def _words(text: Any) -> int:
     return len(str(text or "").split())
 
 
-def _toy_correct(row: dict[str, Any]) -> bool | None:
-    """For toy-world pairs (they carry label/entity/attribute): does the instruction fit the text?"""
-    if "label" not in row or "entity" not in row:
-        return None
-    from minibt.toy.metrics import is_correct_pair
-
-    return is_correct_pair(row)
-
-
 def _md(text: Any, clip: int = _CLIP) -> str:
     s = " ".join(str(text).split())
     s = s if len(s) <= clip else s[: clip - 1] + "…"
@@ -120,10 +114,10 @@ def _savefig(fig: Any, path: Path) -> None:
         fig.savefig(tmp, format="png", dpi=90, bbox_inches="tight")
 
 
-def _plot_scores(rows: list[dict[str, Any]], threshold: Any, k: int, path: Path) -> None:
+def _plot_scores(rows: list[dict[str, Any]], threshold: Any, k: int, path: Path, world: World | None) -> None:
     import matplotlib.pyplot as plt
 
-    scores = [(_score(r), _toy_correct(r)) for r in rows]
+    scores = [(_score(r), world.pair_truth(r) if world else None) for r in rows]
     scores = [(s, c) for s, c in scores if s is not None]
     fig, ax = plt.subplots(figsize=(6, 3.2))
     if scores:
@@ -131,7 +125,7 @@ def _plot_scores(rows: list[dict[str, Any]], threshold: Any, k: int, path: Path)
         bins = 30 if len(set(values)) > 10 else max(5, len(set(values)))
         lo, hi = min(values), max(values)
         edges = [lo + (hi - lo or 1) * i / bins for i in range(bins + 1)]
-        if any(c is not None for _, c in scores):  # toy world: split by ground truth
+        if any(c is not None for _, c in scores):  # a world's pairs: split by ground truth
             ax.hist([[s for s, c in scores if c], [s for s, c in scores if not c]], bins=edges, stacked=True,
                     label=["correct pair (ground truth)", "wrong pair / noise"], color=["tab:green", "tab:gray"])
         else:
@@ -226,6 +220,7 @@ def build_report(run_dir: str | Path) -> Path:
     matplotlib.use("Agg", force=True)
     run = Path(run_dir)
     manifest = json.loads((run / "manifest.json").read_text()) if (run / "manifest.json").is_file() else {}
+    world = of_run(yaml.safe_load((run / "recipe.yaml").read_text())) if (run / "recipe.yaml").is_file() else None
     plots = run / "plots"
     out = [f"# Run report: {manifest.get('recipe', run.name)}", ""]
     out.append(f"Run directory `{run}`; base `{manifest.get('base_model', '?')}` ({manifest.get('backend', '?')}), "
@@ -236,7 +231,7 @@ def build_report(run_dir: str | Path) -> Path:
     stages = manifest.get("stages", {})
     out += ["## Stages", "", "| stage | status | seconds | what it kept |", "|---|---|---:|---|"]
     for name, entry in stages.items():
-        what = describe_stage(name, entry.get("counts", {}))
+        what = describe_stage(name, entry.get("counts", {}), world)
         if entry.get("status") == "failed":
             what = f"**{_md(entry.get('error', ''), 200)}**"
         out.append(f"| {name} | {entry.get('status', '?')} | {entry.get('seconds', 0):.1f} | {_md(what, 400)} |")
@@ -253,7 +248,7 @@ def build_report(run_dir: str | Path) -> Path:
         out += [f"## Curation round {k}", ""]
         if counts:
             out += [describe_stage(f"curate_r{k}", counts), ""]
-        _plot_scores(scored, threshold, k, plots / f"scores_r{k}.png")
+        _plot_scores(scored, threshold, k, plots / f"scores_r{k}.png", world)
         out += [f"![scores round {k}](plots/scores_r{k}.png)", ""]
         keep = [r for r in scored if r.get("kept")]  # curation's own decision, written on every scored row
         drop = [r for r in scored if not r.get("kept")]
@@ -262,14 +257,14 @@ def build_report(run_dir: str | Path) -> Path:
             sample = rng.sample(rows, min(SAMPLES, len(rows)))
             if not sample:
                 continue
-            truth = any(_toy_correct(r) is not None for r in sample)
+            truth = world is not None and any(world.pair_truth(r) is not None for r in sample)
             out += [f"A sample of {title} pairs ({len(rows)} in all):", "",
-                    "| score | instruction | output |" + (" correct (toy) |" if truth else ""),
+                    "| score | instruction | output |" + (f" correct ({world.section}) |" if truth else ""),
                     "|---:|---|---|" + ("---|" if truth else "")]
             for r in sorted(sample, key=lambda r: -(_score(r) or -1e9)):
                 s = _score(r)
                 cell = f"| {s if s is not None else 'unparsed'} | {_md(r.get('instruction', ''))} | {_md(r.get('output', ''))} |"
-                out.append(cell + (f" {_toy_correct(r)} |" if truth else ""))
+                out.append(cell + (f" {world.pair_truth(r)} |" if truth else ""))
             out.append("")
 
     # lengths
@@ -307,10 +302,7 @@ def build_report(run_dir: str | Path) -> Path:
         claims = _claims(metrics)
         if claims:
             out += claims + [""]
-        acc = metrics.get("forward_accuracy")
-        if isinstance(acc, dict):
-            out += ["Toy world, forward accuracy on held-out questions (%):", "", "| model | accuracy |", "|---|---:|"]
-            out += [f"| {k} | {v} |" for k, v in acc.items()] + [""]
+        out += world.report_lines(metrics) if world else []
         for name, result in (metrics.get("ifeval") or {}).items():
             if isinstance(result, dict):
                 scores = ", ".join(f"{k} {v:.3f}" for k, v in result.items() if k.endswith("_acc") and isinstance(v, (int, float)))

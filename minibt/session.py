@@ -19,7 +19,9 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from minibt import io
-from minibt.engine import BASE, MIN_NEW_TOKENS, Engine, import_backend
+from minibt.base_model import open_engine
+from minibt.engine import BASE, MIN_NEW_TOKENS, import_backend
+from minibt.engine.interface import Inference
 from minibt.errors import MinibtError
 from minibt.rundir import RunDir
 from minibt.roles import MYX, backward_prompt, forward_prompt, keeps, round_threshold, score_pairs
@@ -27,12 +29,10 @@ from minibt.roles import MYX, backward_prompt, forward_prompt, keeps, round_thre
 
 class Session:
     def __init__(self, path: str | Path, adapters: Iterable[str] | None = None):
-        from minibt.pipeline import open_engine
-
         self.run = RunDir.open(path)
         self.recipe = self.run.recipe()
         import_backend(self.recipe.model.backend)
-        self.engine: Engine = open_engine(self.recipe, self.run.manifest.get("base_model"))
+        self.engine: Inference = open_engine(self.recipe, self.run.manifest.get("base_model"))
         wanted = list(adapters) if adapters is not None else self.run.adapter_names()
         for name in wanted:
             self.attach(name)

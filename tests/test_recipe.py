@@ -158,7 +158,7 @@ def test_spelling_a_default_out_is_not_setting_it(tmp_path):
     """Only keys set away from their default count: these all equal the default, so nothing is refused."""
     r = load_recipe(TOY, ["seed.split=train", "seed.format=auto", "corpus.text_column=text", "corpus.dedup=true",
                           "model.chat_template=auto", "model.trust_remote_code=false"])
-    assert r.toy is not None and r.seed.path is None
+    assert r.world is not None and r.seed.path is None
     r = load_recipe(write(tmp_path, BASE), [
         "curate.method=likelihood", "curate.mode=distribution", "curate.score=expected", "curate.reasoning_tokens=128",
         "augment.temperature=0", "augment.top_p=0.9", "forward.tags=false", "forward.seed_tag=Answer in the style of an AI Assistant.",

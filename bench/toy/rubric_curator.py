@@ -87,7 +87,7 @@ def main() -> None:
     from minibt.rundir import RunDir
     from minibt.roles import RUBRIC_ANSWER_ROOM, rubric_prompt, score_pairs
     from minibt.stages.forward import forward_rows
-    from minibt.stages.prepare import toy_base, toy_world
+    from minibt.toy.plugin import toy_base, toy_world
     from minibt.toy import metrics
     from minibt.toy.base import build_base, default_cache_dir
     from minibt.toy.world import rated_pages

@@ -16,6 +16,7 @@ from minibt.roles import MYX, backward_prompt, forward_prompt, round_threshold
 from minibt.toy import metrics
 
 ANSWER_TOKENS = 32  # a toy answer is one sentence
+EVAL_BATCH = 64  # prompts per generation batch (the memory estimate reads it from the evaluate stage)
 
 # What "holds" means for the toy world's claims (issue #3): m1 must beat m0 by this many points, and
 # curation must lift precision this far above the clean share and the correct-pair share this far.
@@ -27,7 +28,7 @@ CURATED_OVER_AUGMENTED = 20.0
 def forward_answers(engine: Engine, recipe: Recipe, adapter: str, questions: list[dict[str, Any]],
                     augmented_tag: bool = False) -> list[str]:
     prompts = [forward_prompt(engine, recipe, q["instruction"], augmented=augmented_tag) for q in questions]
-    return engine.generate(adapter, prompts, max_new_tokens=ANSWER_TOKENS, batch_size=64)
+    return engine.generate(adapter, prompts, max_new_tokens=ANSWER_TOKENS, batch_size=EVAL_BATCH)
 
 
 def forward_accuracy(engine: Engine, recipe: Recipe, adapter: str, questions: list[dict[str, Any]]) -> float:
@@ -35,6 +36,7 @@ def forward_accuracy(engine: Engine, recipe: Recipe, adapter: str, questions: li
 
 
 def evaluate_toy(rd: RunDir, engine: Engine, recipe: Recipe) -> dict[str, Any]:
+    """The ground-truth metrics of a finished toy run: its part of metrics.json (the caller merges it)."""
     backward_eval = io.read_jsonl(rd.data("backward_eval"))
     questions = io.read_jsonl(rd.data("eval"))
     augmented = io.read_jsonl(rd.data("augmented"))
@@ -44,7 +46,7 @@ def evaluate_toy(rd: RunDir, engine: Engine, recipe: Recipe) -> dict[str, Any]:
         if name not in engine.adapters:
             engine.load_adapter(name, rd.adapter(name))
 
-    written = engine.generate(MYX, [backward_prompt(engine, r["text"], 64) for r in backward_eval], max_new_tokens=64, batch_size=64)
+    written = engine.generate(MYX, [backward_prompt(engine, r["text"], 64) for r in backward_eval], max_new_tokens=64, batch_size=EVAL_BATCH)
     seen = [i for i, r in enumerate(backward_eval) if r["attribute"] in seed_attributes]
     unseen = [i for i, r in enumerate(backward_eval) if r["attribute"] not in seed_attributes]
     out: dict[str, Any] = {
@@ -83,7 +85,6 @@ def evaluate_toy(rd: RunDir, engine: Engine, recipe: Recipe) -> dict[str, Any]:
         tagged = forward_answers(engine, recipe, last, questions, augmented_tag=True)
         out["forward_accuracy_augmented_tag"] = {last: metrics.forward_accuracy(tagged, questions)}
     out["claims"] = [{"claim": c, "holds": h, "numbers": n} for c, h, n in claims(out)]
-    io.write_json(rd.path / "metrics.json", out)
     return out
 
 

@@ -135,7 +135,7 @@ def test_metrics_on_hand_made_rows():
 
 def test_recipe_section_builds_and_checks_world_config():
     recipe = from_dict({"toy": {"seed": 3, "noise_fraction": 0.5, "list_pages": False}})
-    assert recipe.toy["seed"] == 3 and recipe.toy["list_pages"] is False
+    assert recipe.world.seed == 3 and recipe.world.list_pages is False
     with pytest.raises(RecipeError, match="toy.noise_fraction"):
         from_dict({"toy": {"noise_fraction": "lots"}})
     with pytest.raises(RecipeError, match="toy.corpus_entities"):
