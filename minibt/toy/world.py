@@ -319,9 +319,7 @@ def rating(fact: bool, asked_for: bool) -> int:
     return 1 if not fact else 5 if asked_for else 2
 
 
-def _rated_pairs(
-    r: random.Random, n: int, seed_facts: list[tuple[str, str]], facts: dict, seed_attributes: list[str]
-) -> list[dict]:
+def _rated_pairs(r: random.Random, n: int, seed_facts: list[tuple[str, str]], facts: dict, seed_attributes: list[str]) -> list[dict]:
     """Pairs rated by `rating`: a right answer, an answer about another entity or attribute, web noise.
     Seed entities and seed attributes only, like the rest of the seed."""
     entities = sorted({e for e, _ in seed_facts})
