@@ -15,7 +15,7 @@ import logging
 from pathlib import Path
 from typing import Any, Callable
 
-from minibt.engine import Engine, import_backend
+from minibt.engine import BASE, Engine, import_backend
 from minibt.recipe import Recipe
 from minibt.rundir import RunDir
 from minibt.stack_guards import require_device
@@ -24,6 +24,7 @@ from minibt.stages.backward import MYX, train_myx
 from minibt.stages.curate import curate
 from minibt.stages.forward import train_forward
 from minibt.stages.prepare import prepare
+from minibt.stages.rewrite import rewrite, rewrite_adapter
 from minibt.stages.stage import Context, Stage, run_stage
 from minibt.base_model import open_engine
 from minibt.worlds import world_of
@@ -54,7 +55,8 @@ def stages(recipe: Recipe) -> list[Stage]:
         method += [
             Stage(f"curate_r{k}", self_curate(k), outputs=(f"scored_r{k}", f"curated_r{k}"), needs=(f"m{k - 1}",), uses="score",
                   spreads=True),
-            Stage(f"m{k}", train_forward_on(f"m{k}", lambda ctx, k=k: ctx.rows(f"curated_r{k}")), adapter=f"m{k}"),
+            *rewrite_stages(recipe, k),  # optional: response rewriting (rewrite.enabled)
+            Stage(f"m{k}", train_forward_on(f"m{k}", lambda ctx, k=k: ctx.rows(trained_on(recipe, k))), adapter=f"m{k}"),
         ]
     return method + (world.stages(recipe) if world else [])
 
@@ -113,6 +115,21 @@ def self_augment(ctx: Context) -> dict[str, Any]:
 
 def self_curate(k: int) -> Callable[[Context], dict[str, Any]]:
     return lambda ctx: curate(ctx.rd, ctx.engine, ctx.recipe, k, f"m{k - 1}", ctx.rows("augmented"), ctx.workers)
+
+
+def rewrite_stages(recipe: Recipe, k: int) -> list[Stage]:
+    """rewrite_r{k} when rewrite.enabled: round k's curated pairs rewritten for m_k (minibt/stages/rewrite.py)."""
+    if not recipe.rewrite.enabled:
+        return []
+    adapter = rewrite_adapter(recipe, k)
+    return [Stage(f"rewrite_r{k}", lambda ctx: rewrite(ctx.rd, ctx.engine, ctx.recipe, k, ctx.rows(f"curated_r{k}"), ctx.workers),
+                  outputs=(f"rewritten_r{k}",), needs=() if adapter == BASE else (adapter,),
+                  batch_size=recipe.rewrite.batch_size, spreads=True)]
+
+
+def trained_on(recipe: Recipe, k: int) -> str:
+    """What m_k trains on besides the seed: round k's curated pairs, rewritten when rewriting is on."""
+    return f"rewritten_r{k}" if recipe.rewrite.enabled else f"curated_r{k}"
 
 
 def train_forward_on(name: str, pairs: Callable[[Context], list[dict[str, Any]]] = lambda ctx: []) -> Callable[[Context], dict[str, Any]]:
