@@ -124,6 +124,11 @@ def main() -> None:
     scored = score_pairs(engine, recipe, "rater", sample)
     score_s = time.monotonic() - t0
     fit = score_pairs(engine, recipe, "rater", [{**r, "rated": r["score"]} for r in world.rated_pairs])
+    # the rater is m0 taught the rubric: does it still answer as m0 does (held-out questions)?
+    from minibt.toy.evaluate import forward_accuracy
+
+    rater_forward = forward_accuracy(engine, recipe, "rater", world.eval_questions)
+    base_forward = forward_accuracy(engine, recipe, "base", world.eval_questions)
 
     likelihood = {r["id"]: r["score"] for r in io.read_jsonl(rd.data("scored_r1"))}
     lik_threshold = rd.manifest["stages"]["curate_r1"]["counts"]["threshold"]
@@ -131,6 +136,8 @@ def main() -> None:
         "run_dir": str(args.run_dir), "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
         "extra_ratings": args.extra_ratings, "hard_ratings": args.hard_ratings, "rated_pages": args.rated_pages,
         "base_s": round(base_s, 1),
+        "forward_accuracy": {"base": base_forward, "rater": rater_forward,
+                             "run_m0": json.loads((rd.path / "metrics.json").read_text())["forward_accuracy"]["m0"]},
         "rated_pairs": len(rated), "train_rows": len(rows), "train_loss": trained["train_loss"],
         "train_s": round(train_s, 1), "score_s": round(score_s, 1), "sample": len(sample),
         "clean_share": round(100 * sum(r["label"] == "fact" for r in sample) / len(sample), 1),
