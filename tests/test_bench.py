@@ -14,6 +14,7 @@ from click.testing import CliRunner
 from minibt import bench, prompts
 from minibt.engine import Engine
 from minibt.recipe import LoraSection, ModelSection, Recipe, TrainSection
+from minibt.roles import TRUNCATED_FOR_RUBRIC
 
 # A speedup is rounded to 2 decimals (off by up to 0.005) and the spread's values to 3 (up to 0.0005):
 # a median equal to the smallest pair can read 0.0055 below the rounded minimum (seen in CI: 2.76 vs 2.765).
@@ -99,15 +100,55 @@ def test_curation_sides_score_the_same_pairs(engine):
     assert len(c["seconds"]["generate"]) == 2 and c["spread"]["min"] - ROUNDING <= c["speedup"] <= c["spread"]["max"] + ROUNDING
 
 
+def rated(scores, argmax=None, truncated=()):
+    """Distribution-mode rows: expected scores, their argmax (default: rounded), rubric truncation flags."""
+    argmax = argmax or [round(s) for s in scores]
+    return [{"score": s, "argmax_score": a, **({TRUNCATED_FOR_RUBRIC: True} if i in truncated else {})}
+            for i, (s, a) in enumerate(zip(scores, argmax))]
+
+
+def generated(scores):
+    return [{"score": s} for s in scores]
+
+
+def test_agreement_is_one_when_both_modes_order_the_pairs_alike_and_minus_one_when_reversed():
+    gen = generated([1, 3, 5, 2, 4])
+    assert bench.agreement(rated([1.1, 2.9, 4.7, 2.2, 3.5]), gen)["rank_agreement"] == 1.0  # other values, same order
+    assert bench.agreement(rated([4.9, 3.1, 1.2, 4.0, 2.0]), gen)["rank_agreement"] == -1.0
+    one_swap = bench.agreement(rated([1.1, 2.2, 4.7, 2.9, 3.5]), gen)  # the 2nd and 4th pairs swapped: rho = 1 - 6 * 2 / 120
+    assert one_swap["rank_agreement"] == pytest.approx(0.9) and one_swap["rank_agreement_pairs"] == 5
+
+
 def test_agreement_leaves_unparseable_ratings_out_and_counts_them():
-    dist = [{"score": s, "argmax_score": a} for s, a in ((1.2, 1), (4.8, 5), (2.1, 2), (3.9, 4), (1.0, 1))]
-    gen = [{"score": s} for s in (1, 5, None, 4, 2)]
+    # the pair generate could not rate (None) is the one the distribution orders wrongly: left out, the rest agree
+    dist = rated([1.2, 4.8, 0.5, 3.9, 2.1])
+    gen = generated([1, 5, None, 4, 2])
     a = bench.agreement(dist, gen)
-    assert a["unparseable"] == {"distribution": 0, "generate": 1} and a["unparseable_rate"]["generate"] == 0.2
-    # the four parsed pairs: distribution ranks [2, 4, 3, 1] vs generated [1, 4, 3, 2]: rho = 1 - 6 * 2 / 60
-    assert a["rank_agreement_pairs"] == 4 and a["rank_agreement"] == pytest.approx(0.8)
-    assert a["rank_agreement_argmax"] == pytest.approx(bench.spearman([1, 5, 4, 1], [1, 5, 4, 2]), abs=1e-4)
-    assert a["score_histogram"]["generate"] == {"1": 1, "2": 1, "3": 0, "4": 1, "5": 1}
+    assert a["rank_agreement"] == 1.0 and a["rank_agreement_pairs"] == 4
+    assert a["unparseable"] == {"distribution": 0, "generate": 1} and a["unparseable_rate"] == {"distribution": 0.0, "generate": 0.2}
+    assert a["score_histogram"]["generate"] == {"1": 1, "2": 1, "3": 0, "4": 1, "5": 1}  # the unparsed one in no bin
+    nothing = bench.agreement(rated([1.0, 2.0]), generated([None, None]))
+    assert nothing["rank_agreement"] is None and nothing["rank_agreement_pairs"] == 0 and nothing["unparseable_rate"]["generate"] == 1.0
+
+
+def test_agreement_of_the_argmax_reads_the_argmax_not_the_expectation():
+    gen = generated([1, 2, 3, 4, 5])
+    a = bench.agreement(rated([5.0, 4.0, 3.0, 2.0, 1.0], argmax=[1, 2, 3, 4, 5]), gen)  # expectations reversed, argmax right
+    assert a["rank_agreement"] == -1.0 and a["rank_agreement_argmax"] == 1.0
+    assert a["score_histogram"]["distribution_argmax"] == {str(s): 1 for s in range(1, 6)}
+
+
+def test_agreement_reaches_its_ceiling_when_the_distribution_orders_the_tied_classes():
+    gen = generated([1, 1, 1, 5, 5, 2])  # ties cap every tie-free score below 1
+    a = bench.agreement(rated([1.3, 1.1, 1.2, 4.6, 4.9, 2.5]), gen)
+    assert a["rank_agreement_ceiling"] < 1.0 and a["rank_agreement"] == pytest.approx(a["rank_agreement_ceiling"], abs=1e-4)
+    assert bench.agreement(rated([1.3, 2.6, 1.2, 4.6, 4.9, 2.5]), gen)["rank_agreement"] < a["rank_agreement_ceiling"]  # one out of its class
+    assert bench.agreement(rated([1.0, 2.0, 3.0]), generated([1, 2, 3]))["rank_agreement_ceiling"] == 1.0  # no ties: no cap
+
+
+def test_agreement_counts_the_pairs_cut_for_the_rubric():
+    a = bench.agreement(rated([1.0, 2.0, 3.0, 4.0], truncated=(1, 3)), generated([1, 2, 3, 4]))
+    assert a[TRUNCATED_FOR_RUBRIC] == 2
 
 
 def test_untimed_curation_gives_agreement_only(engine):

@@ -79,8 +79,21 @@ def test_toy_section_is_validated_by_the_world(tmp_path):
 
 
 @pytest.mark.parametrize("path", sorted(RECIPES.glob("*.yaml")), ids=lambda p: p.name)
-def test_shipped_recipes_validate(path):
-    load_recipe(path)
+def test_shipped_recipes_validate_keep_every_value_they_write_and_reload_from_their_resolved_form(path):
+    """Loading raises nothing; every key the file sets reaches the recipe with the file's value (none
+    dropped or renamed on the way); the resolved form a run writes to recipe.yaml loads back equal."""
+    import yaml
+
+    from minibt.recipe import from_dict
+
+    recipe = load_recipe(path)
+    resolved = recipe.to_dict()
+    written = yaml.safe_load(path.read_text())
+    assert written, f"{path.name} sets nothing"
+    for section, keys in written.items():
+        for key, value in keys.items():
+            assert resolved[section][key] == value, f"{path.name}: {section}.{key} is {resolved[section][key]!r}, the file says {value!r}"
+    assert from_dict(yaml.safe_load(yaml.safe_dump(resolved)), base_dir=path.parent) == recipe
 
 
 def test_save_steps_is_validated():
