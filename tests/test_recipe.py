@@ -104,6 +104,29 @@ def test_save_steps_is_validated():
     assert from_dict({"toy": {}, "backward": {"save_steps": 0}}).backward.save_steps == 0
 
 
+@pytest.mark.parametrize("tool", ["tensorboard", "wandb"])
+def test_report_to_names_the_package_to_install_only_when_it_is_missing(monkeypatch, tool):
+    """Whether the tool is installed here or not: find_spec is made to say so, both ways."""
+    import importlib.util
+
+    from minibt.recipe import from_dict
+
+    real = importlib.util.find_spec
+
+    def installed(yes: bool):
+        return lambda name, *a, **k: (real("json") if yes else None) if name == tool else real(name, *a, **k)
+
+    monkeypatch.setattr(importlib.util, "find_spec", installed(False))
+    for section in ("backward", "forward"):
+        with pytest.raises(RecipeError, match=f"^{section}.report_to: {tool} is not installed \\(pip install {tool}\\)$"):
+            from_dict({"toy": {}, section: {"report_to": tool}})
+    monkeypatch.setattr(importlib.util, "find_spec", installed(True))
+    assert from_dict({"toy": {}, "forward": {"report_to": tool}}).forward.report_to == tool
+    with pytest.raises(RecipeError, match=r"^forward.report_to: 'mlflow' is not one of none, tensorboard, wandb"):
+        from_dict({"toy": {}, "forward": {"report_to": "mlflow"}})
+    assert from_dict({"toy": {}}).forward.report_to == "none"  # logs go nowhere unless asked
+
+
 # --- keys that do nothing are refused ----------------------------------------------------------
 
 TOY = RECIPES / "toy.yaml"

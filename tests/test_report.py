@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import logging
 from pathlib import Path
 
-import pytest
 from click.testing import CliRunner
 
 from minibt import io
@@ -114,36 +113,33 @@ def test_toy_metrics_sit_next_to_the_papers_claims(tmp_path):
     assert "m1_uncurated 25.0 | yes |" not in report
 
 
-def test_report_to_is_validated_and_reaches_the_trainer(monkeypatch, tmp_path):
-    import importlib.util
-
-    import trl
+def test_training_logs_reach_the_reporting_tool_report_to_names(tiny_model_dir, tmp_path, monkeypatch):
+    """A real tiny engine trains with report_to=tensorboard: transformers' own integration registry
+    hands the trainer's logs to that tool's callback (here a recorder in tensorboard's slot, since the
+    package may not be installed); with report_to=none no such callback is made. (An engine training
+    claim: it belongs with the engine's tests once tests/engine/ holds training.)"""
+    from transformers import TrainerCallback
+    from transformers.integrations import integration_utils
 
     from minibt.engine import Engine
-    from minibt.errors import RecipeError
-    from minibt.recipe import TrainSection, from_dict
+    from minibt.recipe import LoraSection, ModelSection, TrainSection
 
-    with pytest.raises(RecipeError, match="report_to"):
-        from_dict({"toy": {}, "forward": {"report_to": "mlflow"}})
-    if importlib.util.find_spec("tensorboard") is None:
-        with pytest.raises(RecipeError, match="pip install tensorboard"):
-            from_dict({"toy": {}, "forward": {"report_to": "tensorboard"}})
+    made, logged = [], []
 
-    seen = {}
+    class Recorder(TrainerCallback):
+        def __init__(self):
+            made.append(self)
 
-    class Stop(Exception):
-        pass
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            logged.append(dict(logs or {}))
 
-    def fake_config(**kwargs):
-        seen.update(kwargs)
-        raise Stop
-
-    monkeypatch.setattr(trl, "SFTConfig", fake_config)
-
-    from unittest.mock import MagicMock
-
-    fake = MagicMock(adapters=["m1"], dtype=None, seed=0)  # only SFTConfig's arguments matter here
-    with pytest.raises(Stop):
-        Engine._train_once(fake, "m1", [{"prompt": "a", "completion": "b"}], TrainSection(max_steps=1, report_to="wandb"), tmp_path)
-    assert seen["report_to"] == "wandb" and seen["output_dir"] == str(tmp_path)
-    assert json.dumps(TrainSection().report_to) == '"none"'
+    monkeypatch.setitem(integration_utils.INTEGRATION_TO_CALLBACK, "tensorboard", Recorder)
+    engine = Engine.load(ModelSection(name=tiny_model_dir, max_length=128), LoraSection(r=4, alpha=8), seed=0)
+    rows = [{"prompt": engine.render([{"role": "user", "content": f"what is the {w}"}]), "completion": f"the {w} is red."}
+            for w in ("king", "queen", "river", "city")]
+    cfg = TrainSection(max_steps=2, batch_size=2, learning_rate=1e-3, warmup_ratio=0.0, save_steps=0)
+    result = engine.train("m1", rows, dataclasses.replace(cfg, report_to="tensorboard"), tmp_path / "m1")
+    assert len(made) == 1, "the trainer made the callback of the tool report_to names"
+    assert [x["loss"] for x in logged if "loss" in x] == [x["loss"] for x in result["log_history"]] != []
+    engine.train("m0", rows, cfg, tmp_path / "m0")  # report_to: none (the default)
+    assert len(made) == 1, "report_to=none reports nowhere"
