@@ -141,6 +141,7 @@ class RayWorkers(Workers):
         import ray
 
         cfg = self.recipe.inference
+        logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(_auth_note)
         if not ray.is_initialized():
             # local: a cluster of our own with one CPU per worker (never one found lying around)
             address, size = (cfg.ray_address, {}) if cfg.ray_address else ("local", {"num_cpus": self.count})
@@ -234,6 +235,15 @@ class RayWorkers(Workers):
                 yield task.shard, rows
             in_flight = ray.get(self.progress.rows.remote([(t.shard, t.attempt) for _, t in running.values()]))
             bar.update(max(0, finished + in_flight - bar.n))
+
+
+def _auth_note(record: logging.LogRecord) -> bool:
+    """Ray says at every start that token authentication is on (its default: only holders of the
+    token, written under ~/.ray, connect); that is as it should be, so the note goes to minibt's debug log."""
+    if "Token authentication is enabled" in str(record.msg):
+        log.debug("ray: %s", record.getMessage())
+        return False
+    return True
 
 
 class _Progress:
