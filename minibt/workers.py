@@ -143,8 +143,11 @@ class RayWorkers(Workers):
         cfg = self.recipe.inference
         logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(_auth_note)
         if not ray.is_initialized():
-            # local: a cluster of our own with one CPU per worker (never one found lying around)
-            address, size = (cfg.ray_address, {}) if cfg.ray_address else ("local", {"num_cpus": self.count})
+            # local: a cluster of our own with one CPU per worker (never one found lying around), whose
+            # workers keep the run's priority (Ray's default lowers theirs by 15: on a busy machine they
+            # then wait behind everything, the driver included)
+            own = {"num_cpus": self.count, "_system_config": {"worker_niceness": 0}}
+            address, size = (cfg.ray_address, {}) if cfg.ray_address else ("local", own)
             ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING, **size)
             self.own_cluster = True
         have = ray.cluster_resources()
