@@ -74,6 +74,10 @@ def describe_stage(name: str, counts: dict[str, Any], world: World | None = None
         line = f"{c.get('scored', '?')} scored by {c.get('curator', '?')}: {c['kept']} kept (score >= {c.get('threshold', '?')}), {c.get('dropped', '?')} dropped"
         extra = _nonzero(c, ("pairs", "scored", "kept", "dropped", "threshold", "unparseable_rate"))
         return line + (f"; also {extra}" if extra else "")
+    if name.startswith("rewrite_r") and "rewritten" in c:
+        return (f"{c.get('pairs', '?')} curated pairs rewritten by {c.get('adapter', '?')}: {c['rewritten']} rewrites used, "
+                f"{c.get('kept_original', '?')} kept their text (the rewrite kept < {c.get('min_overlap', '?')} of its content words); "
+                f"mean overlap {c.get('mean_overlap', '?')}" + (f"; truncated {c['truncated']}" if c.get("truncated") else ""))
     if "train_loss" in c:
         return f"{c.get('examples', '?')} examples, {c.get('steps', '?')} steps, final mean loss {c['train_loss']}"
     return json.dumps({k: v for k, v in c.items() if not isinstance(v, (dict, list))})

@@ -56,6 +56,7 @@ def test_rewrite_stage_runs_resumes_and_feeds_m1(toy_cache, tmp_path, monkeypatc
     n_shards = len(list(shard0.parent.iterdir()))
     assert n_shards >= 2 and len(calls) == n_shards - 1, "the finished shard is reused, the others computed"
     assert shard0.read_bytes() == written
+    assert "rewrites used" in second.output  # the run's summary line for rewrite_r1
 
     manifest = json.loads((out / "manifest.json").read_text())
     stages = list(manifest["stages"])
