@@ -227,7 +227,7 @@ class RewriteSection:
     temperature: float = 0.0  # greedy by default: a rewrite should keep the text, not explore
     top_p: float = 1.0
     # the guard: a rewrite is used only if it keeps >= min_overlap of the text's distinct content words
-    # (stages/rewrite.content_overlap); else the pair keeps its original text. 0 switches the guard off.
+    # (stages/rewrite.content_overlap); else the pair keeps its original text. 0: every non-empty rewrite is used.
     min_overlap: float = 0.7
     batch_size: int = 16
     shard_size: int = 512

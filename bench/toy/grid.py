@@ -110,7 +110,7 @@ def markdown(results: list[dict]) -> str:
     ok = [r for r in results if r.get("metrics")]
     lines = ["# Toy world: seeds x repeats, and ablations", "",
              "Written by `bench/toy/grid.py` (recipes/toy.yaml; `toy.seed` = world seed, `run.seed` = repeat).",
-             "Accuracies in %; `m1-m0` and `m1-unc` in points. Wall times are of two runs sharing 2 cores.", "",
+             "Accuracies in %; `m1-m0` and `m1-unc` in points. Wall times: `--workers` runs at once on a shared 2-core VM.", "",
              "| run | " + " | ".join(COLS) + " | claims | wall s |", "|---|" + "---:|" * (len(COLS) + 2)]
     for r in results:
         v = row_values(r)
