@@ -76,6 +76,7 @@ def main() -> None:
     ap.add_argument("--sample", type=int, default=800)
     ap.add_argument("--extra-ratings", type=int, default=0)
     ap.add_argument("--hard-ratings", type=int, default=0)
+    ap.add_argument("--world-ratings", type=int, default=None, help="the first N of the world's rated pairs (default all; 0: m0 untaught)")
     ap.add_argument("--rated-pages", type=int, default=0)
     ap.add_argument("--tag", default="")
     args = ap.parse_args()
@@ -108,7 +109,7 @@ def main() -> None:
                                  curate=dataclasses.replace(recipe.curate, method="rubric", mode="distribution", batch_size=16))
     engine = Engine.load(model, recipe.lora, seed=recipe.run.seed)
 
-    rated = (list(world.rated_pairs) + seed_ratings(world, args.extra_ratings, recipe.run.seed, stream="rubric")
+    rated = (list(world.rated_pairs)[: args.world_ratings] + seed_ratings(world, args.extra_ratings, recipe.run.seed, stream="rubric")
              + hard_ratings(world, world_cfg, args.hard_ratings, recipe.run.seed))
     rubric_rows = [{"prompt": rubric_prompt(engine, r["instruction"], r["output"], RUBRIC_ANSWER_ROOM),
                     "completion": f"Score: {r['score']}"} for r in rated]
@@ -134,7 +135,7 @@ def main() -> None:
     lik_threshold = rd.manifest["stages"]["curate_r1"]["counts"]["threshold"]
     out = {
         "run_dir": str(args.run_dir), "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
-        "extra_ratings": args.extra_ratings, "hard_ratings": args.hard_ratings, "rated_pages": args.rated_pages,
+        "world_ratings": args.world_ratings, "extra_ratings": args.extra_ratings, "hard_ratings": args.hard_ratings, "rated_pages": args.rated_pages,
         "base_s": round(base_s, 1),
         "forward_accuracy": {"base": base_forward, "rater": rater_forward,
                              "run_m0": json.loads((rd.path / "metrics.json").read_text())["forward_accuracy"]["m0"]},
