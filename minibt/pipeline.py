@@ -22,7 +22,7 @@ from minibt.stack_guards import require_device
 from minibt.stages.augment import TRUNCATED, augment, usable
 from minibt.stages.backward import MYX, train_myx
 from minibt.stages.curate import curate
-from minibt.stages.forward import train_forward
+from minibt.stages.forward import taught, train_forward
 from minibt.stages.prepare import prepare
 from minibt.stages.rewrite import rewrite, rewrite_adapter
 from minibt.stages.stage import Context, Stage, run_stage
@@ -134,7 +134,7 @@ def trained_on(recipe: Recipe, k: int) -> str:
 
 def train_forward_on(name: str, pairs: Callable[[Context], list[dict[str, Any]]] = lambda ctx: []) -> Callable[[Context], dict[str, Any]]:
     """Training forward model `name` on the seed pairs plus `pairs(ctx)` (augmented ones, tagged so)."""
-    return lambda ctx: train_forward(ctx.engine, ctx.recipe, name, ctx.rows("seed"), pairs(ctx), ctx.rd.work(name))
+    return lambda ctx: train_forward(ctx.engine, ctx.recipe, name, ctx.rows("seed"), pairs(ctx), ctx.rd.work(name), taught(ctx))
 
 
 # --- the base model -------------------------------------------------------------------------------

@@ -105,8 +105,9 @@ def from_dict(raw: dict[str, Any], base_dir: Path | None = None) -> Recipe:
             section = getattr(recipe, key)
             if section.path is not None:
                 section.path = str(_resolve(section.path, base_dir, f"{key}.path"))
-        if recipe.curate.calibrate and not recipe.curate.ratings:
-            raise RecipeError("curate.calibrate: needs curate.ratings (a JSONL of pairs rated 1-5)")
+        for key in ("calibrate", "teach"):
+            if getattr(recipe.curate, key) and not recipe.curate.ratings:
+                raise RecipeError(f"curate.{key}: needs curate.ratings (a JSONL of pairs rated 1-5)")
         if looks_local(recipe.model.name) and not Path(recipe.model.name).expanduser().exists():
             raise RecipeError(f"model.name: local folder {recipe.model.name} not found")
     else:  # the world's own section, typed and checked like the others

@@ -198,6 +198,9 @@ class CurateSection:
     # keeps pairs scoring >= the midpoint between its mean score on the pairs rated >= 4 and on the rest
     calibrate: bool = False
     ratings: Optional[str] = None  # JSONL rows {instruction, output, score 1-5}; the toy world writes its own
+    # teach: every forward model (m0, m1, ...) also trains on the rated pairs (`ratings`, or the toy world's)
+    # in the rubric format, completion "Score: N": a base that never saw a rubric learns to rate
+    teach: bool = False
 
     def check(self, key: str) -> None:
         positive(f"{key}.batch_size", self.batch_size)
@@ -206,13 +209,13 @@ class CurateSection:
         if self.method == "rubric":
             in_range(f"{key}.threshold", self.threshold, 1.0, 5.0)
         if self.method == "likelihood":
-            unused(key, self, ("mode", "score", "reasoning_tokens"), f"only the rubric method reads it ({key}.method is likelihood); remove the key")
+            unused(key, self, ("mode", "score", "reasoning_tokens", "teach"), f"only the rubric method reads it ({key}.method is likelihood); remove the key")
         elif self.mode == "generate":
             unused(key, self, ("score",), "mode=generate parses the score the curator writes; expected/argmax apply to mode=distribution; remove the key")
         else:
             unused(key, self, ("reasoning_tokens",), f"only mode=generate writes reasoning ({key}.mode is distribution); remove the key")
-        if self.ratings and not self.calibrate:
-            raise RecipeError(f"{key}.ratings: read only with {key}.calibrate=true; set it or remove the key")
+        if self.ratings and not (self.calibrate or self.teach):
+            raise RecipeError(f"{key}.ratings: read only with {key}.calibrate=true or {key}.teach=true; set one or remove the key")
 
 
 @dataclass

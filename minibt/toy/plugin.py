@@ -30,10 +30,10 @@ def toy_base(recipe: Any) -> Path:
 def train_uncurated(ctx: Any) -> dict[str, Any]:
     """The paper's ablation: m1's training with curation switched off (every usable augmented pair)."""
     from minibt.stages.augment import usable
-    from minibt.stages.forward import train_forward
+    from minibt.stages.forward import taught, train_forward
 
     pairs = [r for r in ctx.rows("augmented") if usable(r)]
-    return train_forward(ctx.engine, ctx.recipe, "m1_uncurated", ctx.rows("seed"), pairs, ctx.rd.work("m1_uncurated"))
+    return train_forward(ctx.engine, ctx.recipe, "m1_uncurated", ctx.rows("seed"), pairs, ctx.rd.work("m1_uncurated"), taught(ctx))
 
 
 def evaluate(ctx: Any) -> dict[str, Any]:

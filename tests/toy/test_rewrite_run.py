@@ -42,9 +42,9 @@ def test_rewrite_stage_runs_resumes_and_feeds_m1(toy_cache, tmp_path, monkeypatc
     trained = {}
     real_train = pipeline.train_forward
 
-    def train_forward(engine, recipe, name, seed, augmented, work_dir):
+    def train_forward(engine, recipe, name, seed, augmented, work_dir, rated=()):
         trained[name] = augmented
-        return real_train(engine, recipe, name, seed, augmented, work_dir)
+        return real_train(engine, recipe, name, seed, augmented, work_dir, rated)
 
     shard0 = out / "data" / "rewritten_r1.shards" / "00000.jsonl"
     written = shard0.read_bytes()
