@@ -48,7 +48,7 @@ def part_fp16(model_dir: str, work: str, backend: str) -> dict:
         import unsloth  # noqa: F401  before transformers
     from minibt.engine import Engine
     from minibt.recipe import LoraSection, ModelSection, TrainSection
-    from test_engine import pairs
+    from tiny_engine import pairs
 
     e = Engine.load(ModelSection(name=model_dir, backend=backend, max_length=256, dtype="float16"), LoraSection(r=8, alpha=16))
     out: dict = {"backend": e.backend, "device": e.device.type}
@@ -65,10 +65,8 @@ def part_fp16(model_dir: str, work: str, backend: str) -> dict:
     out["generation_batched_equals_single"] = sum(a == b for a, b in zip(batched, single))
     caches: list = []
     hook = e.model.get_base_model().register_forward_hook(lambda m, a, o: caches.append(getattr(o, "past_key_values", None)))
-    e.prefix_cache = False
-    probs, _ = e.next_token_probs("m0", prompts, "Score:", list("12345"), batch_size=8)
+    probs, _ = e.infer.variant(prefix_cache=False).next_token_probs("m0", prompts, "Score:", list("12345"), batch_size=8)
     hook.remove()
-    e.prefix_cache = True
     out["scoring_kv_caches"] = sum(c is not None for c in caches)
     one = [e.next_token_probs("m0", [p], "Score:", list("12345"))[0][0] for p in prompts]
     out["scoring_batched_vs_single_max_abs"] = float(max(abs(a - b).max() for a, b in zip(probs, one)))

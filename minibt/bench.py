@@ -226,19 +226,21 @@ def count_tokens(engine: Any, texts: Sequence[str]) -> int:
 
 def generate_one_at_a_time(engine: Any, adapter: str, prompts: Sequence[str], max_new_tokens: int,
                            temperature: float, top_p: float, seed: int = 0) -> list[str]:
-    """The plain way: model.generate on one prompt at a time (same model, adapter, inputs and sampling)."""
+    """The plain way: model.generate on one prompt at a time (same model, adapter, inputs and sampling;
+    prompt i samples from the stream of batch i, transformers' generate drawing from the global generator)."""
+    from minibt.engine.sampling import batch_seed, seeded
+
     sample = temperature > 0
     outputs = []
     with engine.use(adapter), torch.no_grad():
-        for i, ids in enumerate(engine._encode(prompts, room=max_new_tokens)):
-            if sample:
-                torch.manual_seed(seed * 100_003 + i)
+        for i, ids in enumerate(engine.infer.encode(prompts, room=max_new_tokens)):
             input_ids = torch.tensor([ids], device=engine.device)
-            out = engine.model.generate(
-                input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
-                do_sample=sample, temperature=temperature if sample else None, top_p=top_p if sample else None,
-                top_k=None, pad_token_id=engine.tokenizer.pad_token_id, eos_token_id=engine.tokenizer.eos_token_id,
-            )
+            with seeded(batch_seed(seed, i)) if sample else contextlib.nullcontext():
+                out = engine.model.generate(
+                    input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
+                    do_sample=sample, temperature=temperature if sample else None, top_p=top_p if sample else None,
+                    top_k=None, pad_token_id=engine.tokenizer.pad_token_id, eos_token_id=engine.tokenizer.eos_token_id,
+                )
             outputs.append(engine.tokenizer.decode(out[0, input_ids.shape[1] :], skip_special_tokens=True).strip())
     return outputs
 
@@ -399,44 +401,20 @@ def truth_scores(world: Any, pairs: Sequence[dict[str, Any]]) -> list[int]:
 
 
 def bare_trl_train(model_dir: str, engine: Any, rows: Sequence[dict[str, str]], cfg: Any, work_dir: str) -> dict[str, Any]:
-    """The same training as `Engine.train`, written as a plain trl + peft script: its own 4-bit base
-    (loaded before the clock starts), get_peft_model, SFTTrainer with the same arguments."""
+    """The same training as `Engine.train`, written as a plain trl + peft script: its own base, loaded
+    as the engine loads one (before the clock starts), get_peft_model and SFTTrainer with minibt's
+    LoRA config and trainer arguments."""
     from datasets import Dataset
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTTrainer
 
-    from minibt.engine import guard_bnb_cpu
+    from minibt.engine import load_base, sft_config
+    from minibt.engine.adapters import wrap
 
-    gpu = torch.cuda.is_available()
-    dtype = engine.dtype
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    tokenizer.chat_template = engine.tokenizer.chat_template
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    kwargs: dict[str, Any] = dict(dtype=dtype, device_map={"": "cuda:0" if gpu else "cpu"})
-    if engine.model_cfg.quantization == "nf4":
-        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                                           bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
-    if engine.model_cfg.quantization == "nf4" and not gpu:
-        guard_bnb_cpu(model)  # correctness on AVX512-BF16 CPUs (STACK-NOTES), not speed
-    lora = engine.lora
+    model, tokenizer = load_base(dataclasses.replace(engine.model_cfg, name=model_dir))
 
     def run() -> Any:
-        peft_model = get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                                                      target_modules=list(lora.target_modules), bias="none",
-                                                      task_type="CAUSAL_LM"))
-        args = SFTConfig(
-            output_dir=work_dir, num_train_epochs=cfg.epochs, max_steps=cfg.max_steps,
-            per_device_train_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
-            learning_rate=cfg.learning_rate, lr_scheduler_type=cfg.lr_scheduler, warmup_steps=cfg.warmup_ratio,
-            weight_decay=cfg.weight_decay, max_length=engine.model_cfg.max_length, packing=False,
-            completion_only_loss=True, gradient_checkpointing=cfg.gradient_checkpointing and gpu,
-            bf16=gpu and dtype == torch.bfloat16, fp16=gpu and dtype == torch.float16, use_cpu=not gpu,
-            optim="adamw_torch", logging_steps=10, save_strategy="no", report_to="none", seed=engine.seed,
-            data_seed=engine.seed, dataloader_num_workers=0,
-        )
+        peft_model = wrap(model, engine.lora, engine.seed)
+        args = sft_config(cfg, engine.model_cfg.max_length, engine.dtype, engine.seed, work_dir, packing=False)
         trainer = SFTTrainer(model=peft_model, args=args, train_dataset=Dataset.from_list(list(rows)),
                              processing_class=tokenizer)
         return trainer.train()
@@ -546,9 +524,9 @@ def run_bench(settings: Settings, recipe_path: str | os.PathLike | None = None, 
         raise ValueError("minibt bench needs a recipe with a `toy` section (its world supplies data and ratings)")
     import_backend(recipe.model.backend)
     from minibt.stages.augment import write_instructions
-    from minibt.stages.backward import MYX, backward_prompt, backward_rows
+    from minibt.stages.backward import MYX, backward_rows
     from minibt.toy.plugin import toy_base, toy_world
-    from minibt.roles import build_prompts
+    from minibt.roles import build_prompts, clipped_backward_prompt
 
     memory = Memory()
     work = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="minibt-bench-"))
@@ -571,7 +549,7 @@ def run_bench(settings: Settings, recipe_path: str | os.PathLike | None = None, 
     # 2. augmentation: myx writes instructions for corpus texts (the recipe's sampling and budget)
     aug = recipe.augment
     corpus = world.corpus[: settings.generate_prompts]
-    texts, corpus = build_prompts(engine, corpus, lambda r: backward_prompt(engine, r["text"], aug.max_new_tokens), "t")
+    texts, corpus = build_prompts(corpus, lambda r: clipped_backward_prompt(engine, r["text"], aug.max_new_tokens), "t")
     with memory.phase("generation"):
         generation = compare_generation(engine, MYX, texts, aug.max_new_tokens, aug.temperature, aug.top_p,
                                         aug.batch_size, seed=recipe.run.seed, pairs=settings.pairs,

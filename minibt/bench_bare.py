@@ -39,8 +39,7 @@ class BareSide:
                                             stdout=subprocess.PIPE, text=True, env=dict(os.environ))
         e = self.engine
         request = {"model_dir": self.model_dir, "rows": self.rows, "cfg": dataclasses.asdict(cfg), "work_dir": work_dir,
-                   "dtype": str(e.dtype).removeprefix("torch."), "chat_template": e.tokenizer.chat_template,
-                   "quantization": e.model_cfg.quantization, "max_length": e.model_cfg.max_length,
+                   "dtype": str(e.dtype).removeprefix("torch."), "model": dataclasses.asdict(e.model_cfg),
                    "lora": dataclasses.asdict(e.lora), "seed": e.seed}
         assert self._worker.stdin is not None and self._worker.stdout is not None
         self._worker.stdin.write(json.dumps(request) + "\n")
@@ -64,15 +63,14 @@ def _serve() -> None:
     import torch
 
     from minibt.bench import bare_trl_train
-    from minibt.recipe import LoraSection, TrainSection
+    from minibt.recipe import LoraSection, ModelSection, TrainSection
 
     if not torch.cuda.is_available():
         torch.set_num_threads(1)  # as the bench's own process (STACK-NOTES)
     out, sys.stdout = sys.stdout, sys.stderr  # library prints must not mix with the answers
     for line in sys.stdin:
         r = json.loads(line)
-        engine = SimpleNamespace(dtype=getattr(torch, r["dtype"]), tokenizer=SimpleNamespace(chat_template=r["chat_template"]),
-                                 model_cfg=SimpleNamespace(quantization=r["quantization"], max_length=r["max_length"]),
+        engine = SimpleNamespace(dtype=getattr(torch, r["dtype"]), model_cfg=ModelSection(**r["model"]),
                                  lora=LoraSection(**r["lora"]), seed=r["seed"])
         try:
             answer = bare_trl_train(r["model_dir"], engine, r["rows"], TrainSection(**r["cfg"]), r["work_dir"])

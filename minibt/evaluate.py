@@ -13,19 +13,19 @@ toy        the run's world's own metrics (the toy world's ground truth), recompu
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import importlib.util
 import json
 import logging
 import math
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
 from minibt import io, prompts
-from minibt.engine import BASE, Engine, compute_dtype, has_gpu
+from minibt.engine import BASE, BaseOnly, Engine, HFInference, Inference, compute_dtype, has_gpu, load_base
 from minibt.errors import MinibtError
 from minibt.rundir import RunDir
 from minibt.worlds import world_of
@@ -97,55 +97,31 @@ def read_instructions(run: RunDir, path: str | Path | None, limit: int | None = 
 # --- a judge loaded on its own -----------------------------------------------------------------
 
 
-class PlainJudge(Engine):
-    """Any local causal LM (or hub id in the cache) as a judge: no adapters, the engine's scoring code."""
+def load_judge(name: str, quantization: str = "none", trust_remote_code: bool = False,
+               revision: str | None = None) -> HFInference:
+    """Any local causal LM (or hub id in the cache) as a judge: loaded as the engine loads a base, no
+    adapters ("base" only), the engine's scoring code; its context is the model's, at most 4096 tokens."""
+    from minibt.sections import ModelSection
 
-    @classmethod
-    def load_plain(cls, name: str, quantization: str = "none", trust_remote_code: bool = False,
-                   revision: str | None = None) -> "PlainJudge":
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        from minibt.engine import _bnb_config, _set_chat_template
-        from minibt.recipe import LoraSection, ModelSection
-
-        dtype = compute_dtype("auto")
-        common = dict(revision=revision, trust_remote_code=trust_remote_code)
-        tokenizer = AutoTokenizer.from_pretrained(name, **common)
-        kwargs: dict[str, Any] = dict(dtype=dtype, use_safetensors=True, device_map={"": "cuda:0" if has_gpu() else "cpu"})
-        if quantization == "nf4":
-            kwargs["quantization_config"] = _bnb_config(dtype)
-        model = AutoModelForCausalLM.from_pretrained(name, **kwargs, **common)
-        model.eval()
-        model.get_base_model = lambda: model  # the engine treats its model as a PeftModel; this one is its own base
-        context = getattr(model.config, "max_position_embeddings", None) or 2048
-        cfg = ModelSection(name=name, backend="transformers", quantization=quantization, max_length=min(int(context), 4096))
-        _set_chat_template(tokenizer, cfg)
-        return cls(model, tokenizer, "transformers", cfg, LoraSection(), seed=0)
-
-    @property
-    def adapters(self) -> list[str]:
-        return []
-
-    @contextlib.contextmanager
-    def use(self, name: str, trainable: bool = False) -> Iterator[None]:
-        if name != BASE or trainable:
-            raise MinibtError("a judge loaded with --judge-model has no adapters")
-        self.model.eval()
-        self.tokenizer.padding_side = "left"
-        yield
+    cfg = ModelSection(name=name, backend="transformers", quantization=quantization, trust_remote_code=trust_remote_code,
+                       revision=revision)
+    model, tokenizer = load_base(cfg)
+    context = getattr(model.config, "max_position_embeddings", None) or 2048
+    cfg = dataclasses.replace(cfg, max_length=min(int(context), 4096))
+    return HFInference(model, tokenizer, cfg, "transformers", BaseOnly(model, tokenizer), seed=0)
 
 
 # --- pairwise --------------------------------------------------------------------------------
 
 
-def judge_prompts(judge: Engine, instruction: str, first: str, second: str) -> str:
+def judge_prompts(judge: Inference, instruction: str, first: str, second: str) -> str:
     """The rendered judge prompt, each answer clipped so the whole fits the judge's context."""
     overhead = judge.count_tokens(judge.render(prompts.judge_messages(instruction, "", ""))) + 8
     budget = max(16, (judge.model_cfg.max_length - overhead) // 2)
     return judge.render(prompts.judge_messages(instruction, judge.clip_text(first, budget), judge.clip_text(second, budget)))
 
 
-def prefer_first(judge: Engine, adapter: str, triples: Sequence[tuple[str, str, str]], batch_size: int = 8,
+def prefer_first(judge: Inference, adapter: str, triples: Sequence[tuple[str, str, str]], batch_size: int = 8,
                  progress: Any = None) -> np.ndarray:
     """P(the judge prefers answer A) for each (instruction, A, B), renormalised over "A"/"B"."""
     texts = [judge_prompts(judge, i, a, b) for i, a, b in triples]
@@ -155,7 +131,7 @@ def prefer_first(judge: Engine, adapter: str, triples: Sequence[tuple[str, str, 
 
 
 def pairwise(engine: Engine, recipe: Any, instructions: Sequence[str], a: str, b: str, *, max_new_tokens: int,
-             judge: Engine | None = None, judge_adapter: str = BASE, judge_name: str | None = None,
+             judge: Inference | None = None, judge_adapter: str = BASE, judge_name: str | None = None,
              batch_size: int = 8) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Win rate of adapter `a` over adapter `b` on `instructions`; returns (summary, per-instruction rows)."""
     from tqdm.auto import tqdm
@@ -247,11 +223,6 @@ def require_lm_eval() -> None:
         raise MinibtError(f"IFEval runs through lm-evaluation-harness, which is not installed: {INSTALL_EVAL}")
 
 
-def base_model_of(run: RunDir) -> str:
-    """The run's base model: the manifest's (the toy world's cached base for toy runs), else the recipe's."""
-    return run.manifest.get("base_model") or run.recipe().model.name
-
-
 def ifeval(run: RunDir, adapter: str = "m1", data: str | Path | None = None, limit: int | None = None,
            max_gen_toks: int = 1280, batch_size: int = 8) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """IFEval (google/IFEval from the hub, or a local JSONL in IFEval's format) on the base + `adapter`.
@@ -265,20 +236,19 @@ def ifeval(run: RunDir, adapter: str = "m1", data: str | Path | None = None, lim
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
-    from transformers import AutoTokenizer
 
-    from minibt.engine import _set_chat_template
+    from minibt.base_model import model_of
+    from minibt.engine import load_tokenizer
 
     recipe = run.recipe()
-    base = base_model_of(run)
+    base = model_of(recipe, run.manifest.get("base_model")).name
     peft_dir = None
     if adapter != BASE:
         peft_dir = run.adapter(adapter)
         if not (peft_dir / "adapter_config.json").is_file():
             raise MinibtError(f"adapter {adapter!r} does not exist in {run.path} (have: {', '.join(run.adapter_names()) or 'none'})")
     common = dict(revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code)
-    tokenizer = AutoTokenizer.from_pretrained(str(peft_dir or base), **common)
-    _set_chat_template(tokenizer, recipe.model)
+    tokenizer = load_tokenizer(recipe.model, peft_dir or base)
     dtype = compute_dtype(recipe.model.dtype)
     lm = HFLM(pretrained=base, peft=str(peft_dir) if peft_dir else None, tokenizer=tokenizer,
               device="cuda" if has_gpu() else "cpu", dtype=dtype, batch_size=batch_size, **common)
@@ -352,7 +322,7 @@ def run_eval(run_dir: str | Path, compare: tuple[str, str] | None = ("m1", "m0")
             a, b = compare
             judge_engine, judge_name = None, judge_adapter
             if judge_model:
-                judge_engine, judge_name = PlainJudge.load_plain(judge_model, judge_quantization), judge_model
+                judge_engine, judge_name = load_judge(judge_model, judge_quantization), judge_model
             elif judge is None:
                 log.info("judge: the run's base model (no adapter); --judge-model PATH brings a stronger judge")
             summary, rows = pairwise(session.engine, session.recipe, questions, a, b, judge=judge_engine,

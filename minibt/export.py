@@ -14,7 +14,6 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
 
 from minibt.engine import BASE
 from minibt.errors import MinibtError
@@ -43,7 +42,7 @@ def export(run_dir: str | Path, adapter: str, out: str | Path | None, dtype: str
 
     Returns the folder that was written (or, for an adapter pushed without --out, the run's adapter folder).
     """
-    from minibt.evaluate import base_model_of
+    from minibt.base_model import model_of
 
     run = RunDir.open(run_dir)
     if adapter == BASE:
@@ -53,7 +52,7 @@ def export(run_dir: str | Path, adapter: str, out: str | Path | None, dtype: str
         raise MinibtError(f"adapter {adapter!r} does not exist in {run.path} (have: {', '.join(run.adapter_names()) or 'none'})")
     if dtype not in DTYPES:
         raise MinibtError(f"--dtype: {dtype!r} is not one of {', '.join(DTYPES)}")
-    base = base_model_of(run)
+    base = model_of(run.recipe(), run.manifest.get("base_model")).name
     if out is None:
         if not (adapter_only and push_to_hub):
             raise MinibtError("--out DIR is needed (only an adapter pushed with --adapter-only --push-to-hub can go without)")
@@ -82,22 +81,20 @@ def export(run_dir: str | Path, adapter: str, out: str | Path | None, dtype: str
 
 
 def _merge(run: RunDir, adapter_dir: Path, base: str, dtype: str, dest: Path) -> None:
+    import dataclasses
+
     import torch
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from minibt.engine import _set_chat_template
+    from minibt.engine import load_tokenizer, load_weights
 
     recipe = run.recipe()
-    common: dict[str, Any] = dict(revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code)
     log.info("loading %s unquantized (%s) to merge %s", base, dtype, adapter_dir.name)
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=getattr(torch, dtype), use_safetensors=True,
-                                                 device_map={"": "cpu"}, **common)
+    model = load_weights(dataclasses.replace(recipe.model, name=base), getattr(torch, dtype), device={"": "cpu"})
     model = PeftModel.from_pretrained(model, str(adapter_dir), autocast_adapter_dtype=False)
     model = model.merge_and_unload()
     model = model.to(getattr(torch, dtype))  # LoRA weights (often bf16 or fp32) merged; one dtype throughout
-    tokenizer = AutoTokenizer.from_pretrained(str(adapter_dir))  # the run's tokenizer, with its chat template
-    _set_chat_template(tokenizer, recipe.model)
+    tokenizer = load_tokenizer(recipe.model, adapter_dir)  # the run's tokenizer, with its chat template
     if model.generation_config is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
         model.generation_config.eos_token_id = tokenizer.eos_token_id

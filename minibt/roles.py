@@ -26,9 +26,14 @@ TRUNCATED_FOR_RUBRIC = "truncated_for_rubric"  # a scored pair's mark: its outpu
 
 def backward_prompt(engine: Any, output: str, room: int) -> str:
     """The rendered myx prompt for `output`, the output clipped so `room` tokens remain for the instruction."""
+    return clipped_backward_prompt(engine, output, room)[0]
+
+
+def clipped_backward_prompt(engine: Any, output: str, room: int) -> tuple[str, bool]:
+    """`backward_prompt`, and whether the output was cut to fit."""
     overhead = engine.count_tokens(engine.render(prompts.backward_messages(""))) + 8
-    text = engine.clip_text(output, max(16, engine.model_cfg.max_length - room - overhead))
-    return engine.render(prompts.backward_messages(text))
+    text, cut = engine.clip(output, max(16, engine.model_cfg.max_length - room - overhead))
+    return engine.render(prompts.backward_messages(text)), cut
 
 
 def forward_prompt(engine: Any, recipe: Recipe, instruction: str, augmented: bool = False) -> str:
@@ -39,21 +44,28 @@ def forward_prompt(engine: Any, recipe: Recipe, instruction: str, augmented: boo
 
 
 def rubric_prompt(engine: Any, instruction: str, output: str, room: int) -> str:
+    return clipped_rubric_prompt(engine, instruction, output, room)[0]
+
+
+def clipped_rubric_prompt(engine: Any, instruction: str, output: str, room: int) -> tuple[str, bool]:
+    """The rendered rubric prompt, the output clipped so `room` tokens remain, and whether it was cut."""
     overhead = engine.count_tokens(engine.render(prompts.rubric_messages(instruction, ""))) + 8
-    text = engine.clip_text(output, max(16, engine.model_cfg.max_length - room - overhead))
-    return engine.render(prompts.rubric_messages(instruction, text))
+    text, cut = engine.clip(output, max(16, engine.model_cfg.max_length - room - overhead))
+    return engine.render(prompts.rubric_messages(instruction, text)), cut
 
 
-def build_prompts(engine: Any, rows: list[dict[str, Any]], build: Callable[[dict[str, Any]], str], mark: str) -> tuple[list[str], list[dict[str, Any]]]:
-    """Prompts for rows, and the rows marked `<mark>: true` where a text had to be cut to fit.
+def build_prompts(rows: list[dict[str, Any]], build: Callable[[dict[str, Any]], tuple[str, bool]],
+                  mark: str) -> tuple[list[str], list[dict[str, Any]]]:
+    """Prompts for rows (`build` gives a row's prompt and whether its text was cut to fit), and the rows
+    marked `<mark>: true` where it was.
 
     The mark travels with the row into its shard file, so counts survive a resumed run.
     """
     built, marked = [], []
     for r in rows:
-        before = engine.truncated
-        built.append(build(r))
-        marked.append({**r, mark: True} if engine.truncated > before else r)
+        prompt, cut = build(r)
+        built.append(prompt)
+        marked.append({**r, mark: True} if cut else r)
     return built, marked
 
 
@@ -70,13 +82,13 @@ def score_pairs(engine: Any, recipe: Recipe, curator: str, rows: list[dict[str, 
             bar.update(len(rows))
         return [{**r, "score": round(float(g - a), 4)} for r, g, a in zip(rows, given, alone)]
     if cfg.mode == "generate":
-        texts, rows = build_prompts(engine, rows, lambda r: rubric_prompt(engine, r["instruction"], r["output"], cfg.reasoning_tokens), TRUNCATED_FOR_RUBRIC)
+        texts, rows = build_prompts(rows, lambda r: clipped_rubric_prompt(engine, r["instruction"], r["output"], cfg.reasoning_tokens), TRUNCATED_FOR_RUBRIC)
         texts = engine.generate(
             curator, texts,
             max_new_tokens=cfg.reasoning_tokens, batch_size=cfg.batch_size, progress=bar,
         )
         return [{**r, "rating": t, "score": prompts.parse_score(t)} for r, t in zip(rows, texts)]
-    texts, rows = build_prompts(engine, rows, lambda r: rubric_prompt(engine, r["instruction"], r["output"], RUBRIC_ANSWER_ROOM), TRUNCATED_FOR_RUBRIC)
+    texts, rows = build_prompts(rows, lambda r: clipped_rubric_prompt(engine, r["instruction"], r["output"], RUBRIC_ANSWER_ROOM), TRUNCATED_FOR_RUBRIC)
     probs, mass = engine.next_token_probs(
         curator, texts,
         prompts.SCORE_PREFIX, prompts.SCORE_CHOICES, batch_size=cfg.batch_size, progress=bar,

@@ -178,46 +178,9 @@ def test_stratified_takes_half_noise_half_facts_in_order():
     assert len(bench.stratified([{"label": "noise"}] * 5, 4)) == 2  # facts ran out: fewer, never padded
 
 
-def test_prefix_cache_scores_exactly_like_full_prompts(engine):
-    head = "tell me about the north and the south and the large old city of the king. " * 3
-    texts = [engine.render([{"role": "user", "content": head + tail}])
-             for tail in ("red", "the blue river", "a", "what is the color of the small queen", "five")]
-    engine.prefix_cache = False
-    full, full_mass = engine.next_token_probs("rater", texts, "Score:", list("12345"), batch_size=2)
-    engine.prefix_cache = True
-    cached, cached_mass = engine.next_token_probs("rater", texts, "Score:", list("12345"), batch_size=2)
-    assert np.allclose(full, cached, atol=1e-5) and np.allclose(full_mass, cached_mass, atol=1e-5)
-
-
-def test_prefix_cache_generates_exactly_like_full_prompts(engine):
-    """Generation computes the prompts' shared head once (the bench's fast side): same texts, sampled
-    or greedy, as running every prompt whole; and the head is really shared here."""
-    head = "write the instruction that the following text is the answer to, in the north and the south. "
-    texts = [engine.render([{"role": "user", "content": head + tail}])
-             for tail in ("the king is red.", "a", "the small old river is blue and the city is new.", "five")]
-    with engine.use("myx"):
-        assert engine._shared_head(engine.tokenizer(texts)["input_ids"])[0] >= 16
-    outputs = {}
-    for cached in (False, True):
-        engine.prefix_cache = cached
-        outputs[cached] = [engine.generate("myx", texts, max_new_tokens=8, temperature=t, top_p=0.9, batch_size=3, seed=1)
-                           for t in (0.0, 0.9)]
-    assert outputs[True] == outputs[False]
-
-
-def test_common_prefix_leaves_a_token_for_every_row():
-    from minibt.engine import _common_prefix
-
-    assert _common_prefix([[1, 2, 3, 4], [1, 2, 3, 5], [1, 2, 9]]) == 2
-    assert _common_prefix([[1, 2, 3], [1, 2, 3, 4]]) == 2  # a row equal to the prefix keeps its last token
-    assert _common_prefix([[7]]) == 0
-    assert _common_prefix([]) == 0
-
-
 def test_curator_rows_reason_then_score():
     class FakeEngine:  # curator_rows only renders and clips
         model_cfg = ModelSection(max_length=4096)
-        truncated = 0
 
         def render(self, messages):
             return messages[0]["content"]
@@ -225,8 +188,8 @@ def test_curator_rows_reason_then_score():
         def count_tokens(self, text):
             return len(text.split())
 
-        def clip_text(self, text, n):
-            return text
+        def clip(self, text, n):
+            return text, False
 
     rows = bench.curator_rows(FakeEngine(), [{"instruction": "q?", "output": "a.", "score": 2}])
     assert [prompts.parse_score(r["completion"]) for r in rows] == [2, 2, 2]
@@ -243,28 +206,6 @@ def test_training_sides_run_the_same_steps(engine, tiny_model_dir, tmp_path):
     assert t["steps"] == 2 and t["spread"]["n"] == 2 and 0 < t["spread"]["min"] <= t["ratio"] <= t["spread"]["max"]
     assert "kept" in engine.adapters and not any(a.startswith("kept_") for a in engine.adapters)
     engine.delete_adapter("kept")
-
-
-def test_packing_only_where_attention_keeps_rows_apart(engine, monkeypatch):
-    assert engine.packing(False) is False
-    assert engine.packing(True) is False  # sdpa on a CPU: packed rows would see each other
-    monkeypatch.setattr(engine.model.config, "_attn_implementation", "flash_attention_2", raising=False)
-    assert engine.packing(True) is True
-
-
-def test_padding_free_rows_leak_into_each_other_on_sdpa_with_a_cache(engine):
-    """Why packing stays off on sdpa/eager: trl's padding-free batch is one row with position_ids
-    restarting per example; transformers keeps the examples apart only when no KV cache exists."""
-    tok = engine.tokenizer
-    seqs = [tok(t)["input_ids"] for t in ("the king is red.", "what is the color of the north river")]
-    flat = torch.tensor([seqs[0] + seqs[1]])
-    positions = torch.tensor([list(range(len(seqs[0]))) + list(range(len(seqs[1])))])
-    with engine.use("rater"), torch.no_grad():
-        alone = engine.model(input_ids=torch.tensor([seqs[1]]), use_cache=False).logits[0]
-        kept_apart = engine.model(input_ids=flat, position_ids=positions, use_cache=False).logits[0, len(seqs[0]):]
-        leaked = engine.model(input_ids=flat, position_ids=positions, use_cache=True).logits[0, len(seqs[0]):]
-    assert torch.allclose(alone, kept_apart, atol=1e-4)
-    assert not torch.allclose(alone, leaked, atol=1e-2)
 
 
 # --- the command -----------------------------------------------------------------------------

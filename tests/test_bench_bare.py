@@ -7,7 +7,7 @@ import os
 from minibt.bench_bare import BareSide
 from minibt.engine import Engine
 from minibt.recipe import LoraSection, ModelSection, TrainSection
-from test_engine import pairs
+from tiny_engine import pairs
 
 
 def test_the_bare_side_trains_alike_in_a_worker_without_unsloth(tiny_model_dir, tmp_path):

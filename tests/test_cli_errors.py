@@ -44,7 +44,7 @@ def no_model_loads(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded for bad input")
 
-    monkeypatch.setattr(engine_mod, "_load_transformers", refuse)
+    monkeypatch.setattr(engine_mod.load, "load_base", refuse)
 
 
 def run(*args: str):

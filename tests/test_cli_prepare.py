@@ -58,7 +58,7 @@ def nothing_loads(monkeypatch):
         raise AssertionError("prepare loaded a model")
 
     monkeypatch.setattr(minibt.engine.Engine, "load", classmethod(refuse))
-    monkeypatch.setattr(minibt.engine, "_load_transformers", refuse)
+    monkeypatch.setattr(minibt.engine.load, "load_base", refuse)
     monkeypatch.setattr(minibt.toy.base, "build_base", refuse)
 
 

@@ -232,16 +232,16 @@ def base_like_tokenizer(kind: str):
 def test_minibt_template_ends_assistant_turns_with_the_base_eos(kind, eos):
     """`chat_template: minibt` replaces a shipped template; the EOS that ends every assistant turn, that
     trl appends to every completion and that generation stops on is the base's own end-of-text token."""
-    from minibt.engine import _set_chat_template
+    from minibt.engine import set_chat_template
     from minibt.prompts import CHAT_TEMPLATE
     from minibt.recipe import ModelSection
 
     shipped = base_like_tokenizer(kind)
-    _set_chat_template(shipped, ModelSection(name="x"))  # auto keeps what the repo shipped: the hazard
+    set_chat_template(shipped, ModelSection(name="x"))  # auto keeps what the repo shipped: the hazard
     assert shipped.chat_template == SHIPPED[kind]
 
     tok = base_like_tokenizer(kind)
-    _set_chat_template(tok, ModelSection(name="x", chat_template="minibt"))
+    set_chat_template(tok, ModelSection(name="x", chat_template="minibt"))
     assert tok.chat_template == CHAT_TEMPLATE and tok.eos_token == eos
     assert tok.pad_token == eos  # Llama 3 base has no pad: EOS; Qwen2.5 base pads with its EOS already
     turn = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "world"}]

@@ -25,10 +25,10 @@ t_import = time.time() - t_start
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from minibt import engine as engine_mod  # noqa: E402
+from minibt.engine import load as engine_mod  # noqa: E402  (has_gpu, and the guard_bnb_cpu its loaders call)
 from minibt.engine import Engine  # noqa: E402
 from minibt.recipe import LoraSection, ModelSection, TrainSection  # noqa: E402
-from test_engine import _lora_grads_vs_dequantized_reference, lora_state, pairs  # noqa: E402
+from tiny_engine import lora_grads_vs_dequantized_reference, lora_state, pairs  # noqa: E402
 
 
 def main(model_dir: str, work: str, dtype: str = "auto") -> dict:
@@ -86,7 +86,7 @@ def main(model_dir: str, work: str, dtype: str = "auto") -> dict:
     e.delete_adapter("m0_again")
     out["adapters_after_delete"] = e.adapters
 
-    out["lora_grad_rel_error"] = _lora_grads_vs_dequantized_reference(model_dir, backend="unsloth", dtype=dtype)
+    out["lora_grad_rel_error"] = lora_grads_vs_dequantized_reference(model_dir, backend="unsloth", dtype=dtype)
     out["lora_grad_rel_error_unguarded"] = _unguarded_grad_error(model_dir)
     out["seconds"] = round(time.time() - t_start, 1)
     return out
@@ -102,7 +102,7 @@ def _unguarded_grad_error(model_dir: str) -> float | None:
     saved = engine_mod.guard_bnb_cpu, cpu_loader._disable_bnb_cpu_weight_packing
     engine_mod.guard_bnb_cpu = cpu_loader._disable_bnb_cpu_weight_packing = lambda model: 0
     try:
-        return _lora_grads_vs_dequantized_reference(model_dir, backend="unsloth")
+        return lora_grads_vs_dequantized_reference(model_dir, backend="unsloth")
     finally:
         engine_mod.guard_bnb_cpu, cpu_loader._disable_bnb_cpu_weight_packing = saved
 

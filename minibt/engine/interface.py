@@ -12,6 +12,8 @@ from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
+BASE = "base"  # the adapter name that means "no adapter"
+
 
 @runtime_checkable
 class Inference(Protocol):
@@ -25,8 +27,11 @@ class Inference(Protocol):
 
     def count_tokens(self, text: str) -> int: ...
 
+    def clip(self, text: str, max_tokens: int) -> tuple[str, bool]:
+        """(`text` cut to at most `max_tokens` tokens, whether it was cut); a cut is counted in `truncated`."""
+
     def clip_text(self, text: str, max_tokens: int) -> str:
-        """`text` cut to at most `max_tokens` tokens; a cut is counted in `truncated`."""
+        """`clip`'s text alone."""
 
     def generate(self, adapter: str, prompts: Sequence[str], max_new_tokens: int, temperature: float = 0.0,
                  top_p: float = 1.0, batch_size: int = 16, seed: int | None = None,

@@ -7,7 +7,7 @@ from typing import Any
 from minibt.engine import Engine
 from minibt.recipe import AugmentSection, Recipe
 from minibt.rundir import RunDir
-from minibt.roles import MYX, backward_prompt, build_prompts
+from minibt.roles import MYX, build_prompts, clipped_backward_prompt
 from minibt.stages.shards import map_shards
 from minibt.workers import InProcess, Task, Work, Workers
 
@@ -41,7 +41,7 @@ def augment_shard(engine: Engine, task: Task, progress: Any) -> list[dict[str, A
 def write_instructions(engine: Engine, cfg: AugmentSection, rows: list[dict[str, Any]], seed: int,
                        progress: Any = None) -> list[dict[str, Any]]:
     """Each row with the instruction myx writes for its text, the text becoming the pair's `output`."""
-    texts, rows = build_prompts(engine, rows, lambda r: backward_prompt(engine, r["text"], cfg.max_new_tokens), TRUNCATED)
+    texts, rows = build_prompts(rows, lambda r: clipped_backward_prompt(engine, r["text"], cfg.max_new_tokens), TRUNCATED)
     instructions = engine.generate(
         MYX,
         texts,

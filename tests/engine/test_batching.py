@@ -1,4 +1,5 @@
-"""The generation budget: a prompt is never cut to make room for generation that does not fit."""
+"""Prompts as token batches (minibt/engine/batching.py): the generation budget (a prompt is never cut to make
+room for generation that does not fit), and the shared head."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import logging
 import pytest
 
 from minibt.engine import MIN_NEW_TOKENS, Engine, generation_budget
+from minibt.engine.batching import common_prefix
 from minibt.recipe import LoraSection, ModelSection
 
 CONTEXT = 64
@@ -46,7 +48,7 @@ def test_long_request_keeps_the_prompt_whole(engine, caplog):
         out = engine.generate("m0", [prompt], max_new_tokens=256)
     assert engine.truncated == before and not caplog.records
     ids = engine.tokenizer(prompt)["input_ids"]
-    assert engine._fit([prompt], 256) == ([ids], [CONTEXT - len(ids)])
+    assert engine.infer.fit([prompt], 256) == ([ids], [CONTEXT - len(ids)])
     # asking for exactly the room the prompt leaves gives the same text
     assert out == engine.generate("m0", [prompt], max_new_tokens=CONTEXT - len(ids))
     assert out != engine.generate("m0", [prompt], max_new_tokens=CONTEXT - len(ids) - 10)  # the budget is used
@@ -80,3 +82,10 @@ def test_rows_of_one_batch_keep_their_own_budgets(engine):
     batched = engine.generate("m0", prompts, max_new_tokens=40, batch_size=4)
     single = [engine.generate("m0", [p], max_new_tokens=40)[0] for p in prompts]
     assert batched == single
+
+
+def test_common_prefix_leaves_a_token_for_every_row():
+    assert common_prefix([[1, 2, 3, 4], [1, 2, 3, 5], [1, 2, 9]]) == 2
+    assert common_prefix([[1, 2, 3], [1, 2, 3, 4]]) == 2  # a row equal to the prefix keeps its last token
+    assert common_prefix([[7]]) == 0
+    assert common_prefix([]) == 0

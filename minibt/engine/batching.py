@@ -1,0 +1,97 @@
+"""Prompts as batches of token ids: the generation budget, length-sorted batches that halve on
+out-of-memory, left padding, and the head every prompt shares (computed once, its KV cache reused)."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Any, Callable, Sequence
+
+import torch
+
+from minibt import stack_guards as guards
+from minibt.errors import MinibtError
+
+log = logging.getLogger("minibt.engine")
+
+MIN_NEW_TOKENS = 16  # what a prompt too long for the context still leaves for generation
+MIN_SHARED_PREFIX = 16  # tokens: shorter shared prefixes are not worth a cache
+
+
+def generation_budget(prompt_tokens: int, max_new_tokens: int, context: int) -> tuple[int, int]:
+    """(prompt tokens kept, new tokens) for one prompt in a context of `context` tokens: the whole
+    prompt and min(max_new_tokens, the room after it); only a prompt that leaves less than
+    MIN_NEW_TOKENS (or max_new_tokens, if smaller) is clipped, from the left, to leave that much.
+    The rule of every engine: a prompt is never cut to make room for generation that does not fit."""
+    floor = max(1, min(max_new_tokens, MIN_NEW_TOKENS, context // 2))
+    if prompt_tokens + floor <= context:
+        return prompt_tokens, min(max_new_tokens, context - prompt_tokens)
+    return context - floor, floor
+
+
+def each_batch(encoded: list[list[int]], batch_size: int, step: Callable[[int, list[int]], None], progress: Any) -> None:
+    """Call step(batch_number, indices) over length-sorted batches (little padding is wasted).
+
+    On CUDA out-of-memory the batch is halved and retried, and later batches keep the smaller
+    size: a long shard never dies for a batch size guessed too large.
+    """
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]), reverse=True)
+    start, number = 0, 0
+    while start < len(order):
+        idx = order[start : start + batch_size]
+        try:
+            step(number, idx)
+            failed = False
+        except torch.cuda.OutOfMemoryError:
+            if batch_size == 1:
+                raise MinibtError("out of memory at batch size 1: lower model.max_length or use a smaller model") from None
+            failed = True
+        if failed:  # out of the handler, whose traceback held the failed batch's activations
+            batch_size //= 2
+            guards.free_memory()
+            log.warning("out of memory: retrying with batch size %d", batch_size)
+            continue
+        start, number = start + len(idx), number + 1
+        if progress is not None:
+            progress.update(len(idx))
+
+
+def left_pad(seqs: list[list[int]], pad: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention mask) of `seqs` padded on the left to the longest."""
+    width = max(map(len, seqs))
+    ids = torch.tensor([[pad] * (width - len(s)) + s for s in seqs], device=device)
+    mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs], device=device)
+    return ids, mask
+
+
+def common_prefix(seqs: Sequence[Sequence[int]]) -> int:
+    """Length of the token prefix all `seqs` share, leaving every sequence at least one token after it."""
+    if not seqs:
+        return 0
+    n = min(len(s) for s in seqs) - 1
+    first = seqs[0]
+    for s in seqs[1:]:
+        k = 0
+        while k < n and s[k] == first[k]:
+            k += 1
+        n = k
+    return max(n, 0)
+
+
+def after_head(mask: torch.Tensor, head: tuple[int, Any]) -> tuple[torch.Tensor, torch.Tensor, Any]:
+    """(attention mask, position ids, KV cache or None) for left-padded rows that follow a shared head
+    (`HFInference.shared_head`): the pads sit between the head and each row's rest, masked out, and the
+    positions stay exact. Without a head: the mask as it is, its positions, no cache."""
+    shared, head_cache = head
+    positions = (mask.cumsum(-1) - 1).clamp(min=0) + shared
+    if not shared:
+        return mask, positions, None
+    rows = mask.shape[0]
+    return torch.cat([mask.new_ones(rows, shared), mask], dim=1), positions, repeat_cache(head_cache, rows)
+
+
+def repeat_cache(cache: Any, n: int) -> Any:
+    """A fresh copy of a batch-1 KV cache, repeated to batch `n` (a forward pass appends to its cache)."""
+    out = copy.deepcopy(cache)
+    out.batch_repeat_interleave(n)
+    return out

@@ -1,0 +1,307 @@
+"""The HF inference engine (`interface.Inference`): transformers + peft, minibt's own decode loop.
+
+It runs over a loaded model and tokenizer and a `roles` object that makes an adapter active
+(`adapters.Adapters`, or `BaseOnly` for a model with none, such as a judge loaded on its own).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import logging
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from minibt import stack_guards as guards
+from minibt.engine import sampling
+from minibt.engine.batching import (MIN_SHARED_PREFIX, after_head, common_prefix, each_batch, generation_budget,
+                                    left_pad)
+from minibt.engine.interface import BASE
+from minibt.engine.load import compute_dtype
+from minibt.errors import MinibtError
+
+log = logging.getLogger("minibt.engine")
+
+
+class BaseOnly:
+    """The roles of a model without adapters: only "base" (a judge loaded on its own)."""
+
+    adapters: list[str] = []
+
+    def __init__(self, model: Any, tokenizer: Any):
+        self.model, self.tokenizer = model, tokenizer
+
+    @contextlib.contextmanager
+    def use(self, name: str, trainable: bool = False) -> Iterator[None]:
+        if name != BASE or trainable:
+            raise MinibtError("a judge loaded with --judge-model has no adapters")
+        self.model.eval()
+        self.tokenizer.padding_side = "left"
+        yield
+
+
+class HFInference:
+    """Generation, next-token scoring and log-likelihoods over one model; `roles.use(name)` picks the adapter.
+
+    `prefix_cache`: compute a head shared by every prompt (a system prompt, the rubric) once per call;
+    off only to check that it changes nothing (tests, bench/device_check.py)."""
+
+    name = "hf"
+
+    def __init__(self, model: Any, tokenizer: Any, model_cfg: Any, backend: str, roles: Any, seed: int,
+                 prefix_cache: bool = True):
+        self.model, self.tokenizer, self.model_cfg, self.backend, self.roles = model, tokenizer, model_cfg, backend, roles
+        self.seed = seed  # sampling's seed when a call gives none
+        self.dtype = compute_dtype(model_cfg.dtype)
+        self.truncated = 0  # texts and prompts cut to fit the context, over the engine's life
+        self._prefix_cache = prefix_cache
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        # only the last position's logits where the forward allows it (transformers >= 4.50)
+        self._last_only = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(base.forward).parameters else {}
+
+    def variant(self, prefix_cache: bool) -> "HFInference":
+        """The same model and roles with the prefix cache on or off (its own `truncated` count)."""
+        return HFInference(self.model, self.tokenizer, self.model_cfg, self.backend, self.roles, self.seed, prefix_cache)
+
+    @property
+    def adapters(self) -> list[str]:
+        return self.roles.adapters
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    # --- text and tokens -----------------------------------------------------------------
+
+    def render(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def clip(self, text: str, max_tokens: int) -> tuple[str, bool]:
+        """(`text` cut to at most `max_tokens` tokens, whether it was cut); a cut is counted in `truncated`."""
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(ids) <= max_tokens:
+            return text, False
+        self.truncated += 1
+        return self.tokenizer.decode(ids[:max_tokens]), True
+
+    def clip_text(self, text: str, max_tokens: int) -> str:
+        return self.clip(text, max_tokens)[0]
+
+    def encode(self, prompts: Sequence[str], room: int) -> list[list[int]]:
+        """Token ids per prompt, left-truncated to leave `room` tokens for what comes after."""
+        limit = max(1, self.model_cfg.max_length - room)
+        out = []
+        for ids in self.tokenizer(list(prompts))["input_ids"]:
+            if len(ids) > limit:
+                self.truncated += 1
+                ids = ids[-limit:]
+            out.append(ids)
+        return out
+
+    def fit(self, prompts: Sequence[str], max_new_tokens: int) -> tuple[list[list[int]], list[int]]:
+        """Token ids and a generation budget per prompt (`generation_budget`); clipped prompts are
+        counted in `truncated` and reported in one warning line."""
+        encoded, budgets, clipped = [], [], 0
+        for ids in self.tokenizer(list(prompts))["input_ids"]:
+            keep, new = generation_budget(len(ids), max_new_tokens, self.model_cfg.max_length)
+            if keep < len(ids):
+                clipped += 1
+                ids = ids[-keep:]  # the end holds the question and the assistant's turn
+            encoded.append(ids)
+            budgets.append(new)
+        if clipped:
+            self.truncated += clipped
+            log.warning("%d of %d prompts were longer than model.max_length=%d leaves room for: kept the last "
+                        "tokens of each, %d new tokens at most", clipped, len(encoded), self.model_cfg.max_length,
+                        min(budgets))
+        return encoded, budgets
+
+    def left_pad(self, seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        return left_pad(seqs, self.tokenizer.pad_token_id, self.device)
+
+    # --- generation ----------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(self, adapter: str, prompts: Sequence[str], max_new_tokens: int, temperature: float = 0.0,
+                 top_p: float = 1.0, batch_size: int = 16, seed: int | None = None, progress: Any = None) -> list[str]:
+        """Complete rendered prompts with `adapter` ("base" for none): batched, left-padded, stop at EOS.
+
+        Each prompt gets min(max_new_tokens, the context left after it) new tokens (`generation_budget`).
+        Batch b samples from the stream `sampling.batch_seed(seed, b)` (seed: the call's, else the engine's)."""
+        encoded, budgets = self.fit(prompts, max_new_tokens)
+        outputs: list[str] = [""] * len(encoded)
+        sample = temperature > 0
+        seed = self.seed if seed is None else seed
+        prefix: list[tuple[int, Any]] = []  # the prompts' shared head (a system prompt), computed once
+
+        def step(b: int, idx: list[int]) -> None:
+            ids, mask = self.left_pad([encoded[i][prefix[0][0]:] for i in idx])
+            rows_budget = [budgets[i] for i in idx]
+            if self.backend == "transformers":
+                g = sampling.generator(sampling.batch_seed(seed, b), ids.device) if sample else None
+                for i, tokens in zip(idx, self._decode(adapter, ids, mask, rows_budget, temperature, top_p, g, prefix[0])):
+                    outputs[i] = self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+                return
+            # unsloth: its own fast generation, which draws from torch's global generator; each row cut to its budget
+            with sampling.seeded(sampling.batch_seed(seed, b)) if sample else contextlib.nullcontext():
+                out = self.model.generate(
+                    input_ids=ids, attention_mask=mask, max_new_tokens=max(rows_budget), do_sample=sample,
+                    temperature=temperature if sample else None, top_p=top_p if sample else None, top_k=None,
+                    pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id,
+                )
+            for row, i in enumerate(idx):
+                new_tokens = out[row, ids.shape[1] : ids.shape[1] + budgets[i]]
+                outputs[i] = self.tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
+
+        with self.roles.use(adapter):
+            prefix.append(self.shared_head(encoded))
+            each_batch(encoded, batch_size, step, progress)
+        return outputs
+
+    def _decode(self, adapter: str, ids: torch.Tensor, mask: torch.Tensor, budgets: Sequence[int], temperature: float,
+                top_p: float, g: torch.Generator | None, head: tuple[int, Any] = (0, None)) -> list[list[int]]:
+        """Sample (or greedily pick) up to budgets[row] tokens per row with a KV cache, dropping rows from
+        the batch as they reach EOS or their budget. `generate` keeps computing finished rows until the longest is done,
+        which wastes most of a batch when lengths vary (2x throughput measured on the toy world);
+        greedy outputs equal `generate`'s (tests/engine/test_infer.py)."""
+        from transformers import DynamicCache
+
+        eos = self.tokenizer.eos_token_id
+        mask, positions, cache = after_head(mask, head)  # `ids` are the rows after the head (`shared_head`)
+        cache = cache if cache is not None else DynamicCache()
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                         use_cache=True, **self._last_only)
+        position = positions[:, -1:]
+        alive = torch.arange(ids.shape[0], device=ids.device)  # batch row -> input row
+        limit = torch.tensor(list(budgets), device=ids.device)
+        tokens: list[list[int]] = [[] for _ in range(ids.shape[0])]
+        for t in range(max(budgets)):
+            guards.check_finite(out.logits[:, -1, :], adapter, "decoding", self.dtype)
+            next_ids = sampling.pick(out.logits[:, -1, :].float(), temperature, top_p, g)
+            for row, tok in zip(alive.tolist(), next_ids.tolist()):
+                if tok != eos:
+                    tokens[row].append(tok)
+            running = ((next_ids != eos) & (limit[alive] > t + 1)).nonzero().squeeze(-1)
+            if len(running) == 0:
+                break
+            if len(running) < len(alive):  # compact: finished rows leave the batch and the cache
+                cache.batch_select_indices(running)
+                alive, mask, position, next_ids = alive[running], mask[running], position[running], next_ids[running]
+            mask = torch.cat([mask, mask.new_ones(len(alive), 1)], dim=1)
+            position = position + 1
+            out = self.model(input_ids=next_ids[:, None], attention_mask=mask, position_ids=position,
+                             past_key_values=cache, use_cache=True)
+        return tokens
+
+    def stream(self, adapter: str, prompt: str, max_new_tokens: int, temperature: float, top_p: float,
+               on_text: Callable[[str], None]) -> str:
+        """Generate one reply, handing each new piece of text to `on_text` as it is decoded (a chat: its
+        sampling is not seeded)."""
+        import threading
+
+        from transformers import TextIteratorStreamer
+
+        encoded, budgets = self.fit([prompt], max_new_tokens)
+        ids, mask = self.left_pad(encoded)
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        sample = temperature > 0
+        kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=budgets[0], do_sample=sample,
+                      temperature=temperature if sample else None, top_p=top_p if sample else None, top_k=None,
+                      pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id, streamer=streamer)
+        pieces = []
+        with self.roles.use(adapter):
+            worker = threading.Thread(target=self.model.generate, kwargs=kwargs)
+            worker.start()
+            for piece in streamer:
+                on_text(piece)
+                pieces.append(piece)
+            worker.join()
+        return "".join(pieces).strip()
+
+    # --- scoring -------------------------------------------------------------------------
+
+    def choice_ids(self, prefix: str, choices: Sequence[str]) -> list[int]:
+        """The token id of each choice as it follows "<prefix> " in running text.
+
+        Byte-level BPEs write " 3" as one token; Llama-3 and SentencePiece split off the space. Either
+        way, "<prompt><prefix> <choice>" minus its last token is the prompt, and the last is the choice.
+        """
+        seqs = [self.tokenizer(f"x\n{prefix} {c}", add_special_tokens=False)["input_ids"] for c in choices]
+        for c, seq in zip(choices, seqs):
+            if self.tokenizer.decode(seq[-1:]).strip() != c or seq[:-1] != seqs[0][:-1]:
+                raise MinibtError(f"the tokenizer does not write score {c!r} as one token after {prefix!r}; use curate.mode=generate")
+        return [seq[-1] for seq in seqs]
+
+    @torch.no_grad()
+    def next_token_probs(self, adapter: str, prompts: Sequence[str], prefix: str, choices: Sequence[str],
+                         batch_size: int = 16, progress: Any = None) -> tuple[np.ndarray, np.ndarray]:
+        """P(choice | prompt + prefix) for each prompt, from one forward pass per batch: no decoding.
+
+        Returns (probabilities renormalised over the choices, [n, k]; the raw mass the choices got, [n]).
+        """
+        ids = self.choice_ids(prefix, choices)
+        encoded = [e[:-1] for e in self.encode([f"{p}{prefix} {choices[0]}" for p in prompts], room=0)]
+        probs = np.zeros((len(encoded), len(ids)), dtype=np.float64)
+        choice_index = torch.tensor(ids, device=self.device)
+        head: list[tuple[int, Any]] = []  # the rubric, the same text before every pair (`shared_head`)
+
+        def step(_: int, idx: list[int]) -> None:
+            input_ids, mask = self.left_pad([encoded[i][head[0][0]:] for i in idx])
+            mask, position_ids, cache = after_head(mask, head[0])
+            extra = {"past_key_values": cache} if cache is not None else {}
+            # only the last position's logits: the LM head over every prompt position is wasted work
+            # (with a 128k vocabulary, [batch, 1024, 128256] fp32 logits alone are 8 GB at batch 16);
+            # use_cache=False: no cache of these rows is reused (a head cache given is still read)
+            logits = self.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=False,
+                                **extra, **self._last_only).logits[:, -1, :]
+            guards.check_finite(logits, adapter, "scoring", self.dtype)
+            probs[idx] = torch.softmax(logits.float(), dim=-1)[:, choice_index].cpu().numpy()
+
+        with self.roles.use(adapter):
+            head.append(self.shared_head(encoded))
+            each_batch(encoded, batch_size, step, progress)
+        mass = probs.sum(axis=1)
+        return probs / np.maximum(mass[:, None], 1e-12), mass
+
+    @torch.no_grad()
+    def completion_logprobs(self, adapter: str, prompts: Sequence[str], completions: Sequence[str],
+                            batch_size: int = 16, progress: Any = None) -> np.ndarray:
+        """Mean log-probability per token of each completion given its prompt (EOS included)."""
+        eos = [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
+        comp = [self.tokenizer(c, add_special_tokens=False)["input_ids"] + eos for c in completions]
+        comp = [c[: self.model_cfg.max_length - 1] for c in comp]
+        start = [self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None else self.tokenizer.eos_token_id]
+        heads = [self.encode([p], room=len(c))[0] or start for p, c in zip(prompts, comp)]
+        seqs = [h + c for h, c in zip(heads, comp)]
+        out = np.zeros(len(seqs))
+
+        def step(_: int, idx: list[int]) -> None:
+            input_ids, mask = self.left_pad([seqs[i] for i in idx])
+            position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+            # use_cache=False: nothing reuses a cache here (the config's default would build one)
+            logits = self.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=False).logits
+            guards.check_finite(logits, adapter, "completion log-likelihoods", self.dtype)
+            logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+            token_logp = logp.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+            for row, i in enumerate(idx):
+                out[i] = token_logp[row, -len(comp[i]) :].mean().item()
+
+        with self.roles.use(adapter):
+            each_batch(seqs, batch_size, step, progress)
+        return out
+
+    def shared_head(self, encoded: Sequence[Sequence[int]]) -> tuple[int, Any]:
+        """(n, a batch-1 KV cache of them): the n tokens every prompt starts with (a system prompt, the
+        rubric), computed once so that each batch runs only the tokens after them; (0, None) when fewer
+        than MIN_SHARED_PREFIX, with the prefix cache off, or on unsloth (its fast forward manages
+        caches its own way). Call it with the adapter active."""
+        shared = common_prefix(encoded) if self._prefix_cache and self.backend == "transformers" else 0
+        if shared < MIN_SHARED_PREFIX:
+            return 0, None
+        ids = torch.tensor([list(encoded[0][:shared])], device=self.device)
+        return shared, self.model(input_ids=ids, use_cache=True, **self._last_only).past_key_values
