@@ -14,11 +14,11 @@ package imports unsloth or bitsandbytes. Its rooms, each with one reason to chan
     hf.py           `Engine`: the loaded base, its adapters, training and inference, composed
 """
 
-from minibt.engine.adapters import lora_config
+from minibt.engine.adapters import BaseOnly, lora_config
 from minibt.engine.batching import MIN_NEW_TOKENS, generation_budget
 from minibt.engine.checkpoints import clear_checkpoints
 from minibt.engine.hf import Engine
-from minibt.engine.infer import BaseOnly, HFInference
+from minibt.engine.infer import HFInference
 from minibt.engine.interface import BASE, Inference
 from minibt.engine.load import (compute_dtype, guard_bnb_cpu, has_gpu, import_backend, load_base, load_tokenizer,
                                 load_weights, resolve_backend, set_chat_template)

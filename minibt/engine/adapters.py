@@ -199,3 +199,20 @@ class Adapters:
                 warnings.filterwarnings("ignore", message="Adapter default was active")
                 self.model.delete_adapter(PLACEHOLDER)
             self._freeze_all()  # peft marks the adapter it activates trainable
+
+
+class BaseOnly:
+    """The roles of a model without adapters: only "base" (a judge loaded on its own)."""
+
+    adapters: list[str] = []
+
+    def __init__(self, model: Any, tokenizer: Any):
+        self.model, self.tokenizer = model, tokenizer
+
+    @contextlib.contextmanager
+    def use(self, name: str, trainable: bool = False) -> Iterator[None]:
+        if name != BASE or trainable:
+            raise MinibtError("a judge loaded with --judge-model has no adapters")
+        self.model.eval()
+        self.tokenizer.padding_side = "left"
+        yield

@@ -1,7 +1,7 @@
 """The HF inference engine (`interface.Inference`): transformers + peft, minibt's own decode loop.
 
 It runs over a loaded model and tokenizer and a `roles` object that makes an adapter active
-(`adapters.Adapters`, or `BaseOnly` for a model with none, such as a judge loaded on its own).
+(`adapters.Adapters`, or `adapters.BaseOnly` for a model with none, such as a judge loaded on its own).
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -18,28 +18,10 @@ from minibt import stack_guards as guards
 from minibt.engine import sampling
 from minibt.engine.batching import (MIN_SHARED_PREFIX, after_head, common_prefix, each_batch, generation_budget,
                                     left_pad)
-from minibt.engine.interface import BASE
 from minibt.engine.load import compute_dtype
 from minibt.errors import MinibtError
 
 log = logging.getLogger("minibt.engine")
-
-
-class BaseOnly:
-    """The roles of a model without adapters: only "base" (a judge loaded on its own)."""
-
-    adapters: list[str] = []
-
-    def __init__(self, model: Any, tokenizer: Any):
-        self.model, self.tokenizer = model, tokenizer
-
-    @contextlib.contextmanager
-    def use(self, name: str, trainable: bool = False) -> Iterator[None]:
-        if name != BASE or trainable:
-            raise MinibtError("a judge loaded with --judge-model has no adapters")
-        self.model.eval()
-        self.tokenizer.padding_side = "left"
-        yield
 
 
 class HFInference:
