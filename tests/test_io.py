@@ -60,6 +60,28 @@ def test_a_failed_write_leaves_no_temp_file(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_readers_see_the_old_version_until_the_new_one_is_whole(tmp_path):
+    """Atomic: while rows are written, and after a writer fails midway, the file holds the previous version."""
+    path = tmp_path / "augmented.jsonl"
+    io.write_jsonl(path, ROWS[:3])
+    old, seen = path.read_bytes(), []
+
+    def rows(fail: bool):
+        for i, row in enumerate(ROWS):
+            yield row
+            if i == 10:
+                seen.append(path.read_bytes())  # a reader in the middle of the write
+                if fail:
+                    raise RuntimeError("killed mid-write")
+
+    with pytest.raises(RuntimeError):
+        io.write_jsonl(path, rows(fail=True))
+    assert path.read_bytes() == old and sorted(p.name for p in tmp_path.iterdir()) == ["augmented.jsonl"]
+    assert io.write_jsonl(path, rows(fail=False)) == 20
+    assert seen == [old, old], "a reader mid-write saw a partial file"
+    assert io.read_jsonl(path) == ROWS
+
+
 def test_digest_counts_rows_and_tells_each_kind_of_damage(tmp_path):
     path = tmp_path / "shard.jsonl"
     io.write_jsonl(path, ROWS)

@@ -3,6 +3,7 @@ checksums before they are used again, a corrupt manifest named with the way to r
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -146,6 +147,21 @@ def finished_stage(tmp_path: Path, stage: str, files: dict[str, bytes | list]) -
 
 
 ROWS = [{"id": i, "instruction": f"question {i}", "output": f"answer {i}"} for i in range(6)]
+
+
+def test_the_manifest_records_each_outputs_sha256_size_and_rows(tmp_path):
+    import hashlib
+
+    rd = finished_stage(tmp_path, "augment", {"data/augmented.jsonl": ROWS, "data/blob.bin": b"\x00\x01" * 7})
+    files = rd.manifest["files"]
+    for rel in ("data/augmented.jsonl", "data/blob.bin"):
+        data = (tmp_path / rel).read_bytes()
+        assert files[rel]["sha256"] == hashlib.sha256(data).hexdigest() and files[rel]["bytes"] == len(data)
+    assert files["data/augmented.jsonl"]["rows"] == len(ROWS) and "rows" not in files["data/blob.bin"]
+    assert json.loads((tmp_path / "manifest.json").read_text())["files"] == files, "saved as recorded"
+    assert rd.problem(tmp_path / "data" / "blob.bin") is None
+    (tmp_path / "data" / "blob.bin").write_bytes(b"\x00\x02" * 7)
+    assert rd.problem(tmp_path / "data" / "blob.bin") == "same size as written but different bytes (corrupted)"
 
 
 @pytest.mark.parametrize("damage", [cut_last_line, flip_bit, drop_row, Path.unlink])
