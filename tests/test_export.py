@@ -32,8 +32,7 @@ def test_export_merges_into_a_plain_transformers_folder_that_generates(finished_
     ids = tok.apply_chat_template([{"role": "user", "content": "What is the color of the king?"}], add_generation_prompt=True,
                                   return_tensors="pt", return_dict=True)
     gen = model.generate(**ids, max_new_tokens=5, do_sample=False, pad_token_id=tok.pad_token_id)
-    assert gen.shape[1] > ids["input_ids"].shape[1]
-    assert isinstance(tok.decode(gen[0, ids["input_ids"].shape[1]:]), str)
+    assert gen.shape[1] > ids["input_ids"].shape[1]  # it generates (that its logits are base + adapter: the next test)
     assert "m1" in (out / "README.md").read_text()
 
 
