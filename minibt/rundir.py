@@ -48,7 +48,12 @@ WEIGHTS = "adapter_model.safetensors"
 _RESULT_KEYS_IGNORED = {("run", "threads"), ("augment", "batch_size"), ("curate", "batch_size"),
                         ("backward", "report_to"), ("forward", "report_to"),  # where logs go, not results
                         ("backward", "save_steps"), ("forward", "save_steps"),  # when checkpoints are written
-                        ("inference", "workers"), ("inference", "ray_address")}  # where shards run (workers.py)
+                        ("inference", "workers"), ("inference", "ray_address"),  # where shards run (workers.py)
+                        # which engine runs inference, and its settings: machine-dependent (engine auto picks by
+                        # the GPU); each inference stage's counts name its engine
+                        *(("inference", k) for k in ("engine", "gpu_memory_utilization", "kv_cache_gib", "max_num_seqs",
+                                                     "max_loras", "enable_prefix_caching", "enforce_eager",
+                                                     "data_parallel_size"))}
 
 
 def _now() -> str:

