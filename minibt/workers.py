@@ -3,8 +3,10 @@
 A sharded stage describes each shard's work as a `Task`: picklable data (the stage's kind, a
 module-level function, the recipe, the adapters it reads, the shard's rows and index) that a function
 `fn(engine, task, progress)` runs against an engine. With one worker the run's own engine runs it in
-this process (`InProcess`); with N, N Ray actors each load the base once (through the pipeline's one
-engine factory), keep it, and the adapters they were sent, for the whole run (`RayWorkers`). Either way
+this process (`InProcess`); with N, N Ray actors each load the base once (through the run's engine
+factory, minibt.base_model.open_engine: the HF engine, which `inference.engine: auto` picks with
+workers > 1; vLLM spreads over one machine's GPUs itself, inference.data_parallel_size), keep it, and
+the adapters they were sent, for the whole run (`RayWorkers`; on GPUs until the next training stage). Either way
 map_shards (stages/shards.py) writes each finished shard into the run directory, so resume, the
 manifest and the results are those of a one-worker run: the function and its inputs are the same, and
 a shard's sampling seed comes from its index, never from which worker ran it.
@@ -288,7 +290,7 @@ class _Worker:
 
             torch.set_num_threads(self.recipe.run.threads)  # what the driver's CLI sets for itself
             if self.factory is None:
-                from minibt.pipeline import open_engine as factory  # the run's one engine factory
+                from minibt.base_model import open_engine as factory  # the run's one (HF) engine factory
             else:
                 factory = self.factory
             self.engine = factory(self.recipe, self.base_model)
