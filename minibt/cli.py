@@ -74,6 +74,9 @@ def run(recipe_path: Path, overrides: tuple[str, ...], out: Path | None, dry_run
         click.echo(yaml.safe_dump(recipe.to_dict(), sort_keys=False).rstrip())
         click.echo(f"\nrun directory: {out}")
         click.echo("stages: " + " -> ".join(plan(recipe)))
+        from minibt.inference import choose
+
+        click.echo("inference engine: %s (%s)" % choose(recipe.inference))
         from minibt.memory import estimate, format_estimate  # reads at most the model's config.json
 
         click.echo("\n" + format_estimate(estimate(recipe)))

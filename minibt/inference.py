@@ -62,19 +62,21 @@ class RunInference:
 
     def __init__(self, rd: Any, recipe: Any, hf: Callable[[], Any]):
         self.rd, self.recipe, self.hf = rd, recipe, hf
-        self.kind, self.why = choose(recipe.inference)
+        self._choice: tuple[str, str] | None = None  # (engine, why), chosen when first asked
         self._vllm: Any = None
 
     @property
     def separate(self) -> bool:
         """Whether inference runs on an engine of its own (vLLM) rather than the training engine."""
-        return self.kind == "vllm"
+        if self._choice is None:
+            self._choice = choose(self.recipe.inference)
+        return self._choice[0] == "vllm"
 
     def engine(self) -> Any:
         if not self.separate:
             return self.hf()
         if self._vllm is None:
-            self.rd.manifest["inference"] = {"engine": self.kind, "why": self.why}
+            self.rd.manifest["inference"] = dict(zip(("engine", "why"), self._choice))
             from minibt.base_model import model_of
 
             self._vllm = start_vllm(self.recipe, model_of(self.recipe, self.rd.manifest.get("base_model")))

@@ -22,6 +22,10 @@ What is counted, in bytes (c = 2 for 16-bit compute, 4 for float32; T = batch x 
                last position only (batch x vocab x (c + 4)).
   kv_cache     2 x layers x kv x batch x model.max_length x c.
   overhead     0.5 GiB for the CUDA context, cuBLAS workspace and allocator slack.
+  vllm         inference stages on vLLM (inference.engine, minibt/inference.py): its own engine beside the
+               training base (weights and adapters stay): inference.gpu_memory_utilization of the GPU
+               when one is visible; else its weights, max_loras adapter slots, the KV cache (inference.
+               kv_cache_gib, or max_num_seqs sequences of model.max_length) and 1 GiB for activations.
 
 Every batch is counted padded to model.max_length, the worst case. Small terms (< 1 %) are left out.
 """
@@ -270,6 +274,9 @@ def estimate_stages(recipe: Recipe, shape: Shape, stages: list[Any]) -> list[Sta
     m, c, length = recipe.model, _compute_bytes(recipe.model.dtype), recipe.model.max_length
     weights = weight_bytes(shape, m.quantization, c)
     lora = shape.lora_params(recipe.lora.r, recipe.lora.target_modules)
+    from minibt.inference import choose
+
+    vllm = vllm_bytes(recipe, shape, weights, lora, c) if choose(recipe.inference)[0] == "vllm" else 0
     out, adapters = [], 0
     for stage in stages:
         if stage.uses == "cpu":
@@ -299,8 +306,26 @@ def estimate_stages(recipe: Recipe, shape: Shape, stages: list[Any]) -> list[Sta
             parts["logits"] = logits
             parts["kv_cache"] = kv_cache_bytes(shape, batch, length, c)
         parts["overhead"] = OVERHEAD
+        if not stage.adapter and vllm:  # vLLM computes; the training base stays on the GPU
+            parts.update(activations=0, logits=0, kv_cache=0, vllm=vllm)
         out.append(StageMemory(stage.name, parts))
     return out
+
+
+def vllm_bytes(recipe: Recipe, shape: Shape, weights: int, lora: int, c: int) -> int:
+    """What a vLLM engine holds on the GPU for this recipe (see the module's docstring)."""
+    cfg = recipe.inference
+    if cfg.kv_cache_gib is None:
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                return round(cfg.gpu_memory_utilization * torch.cuda.get_device_properties(0).total_memory)
+        except ImportError:
+            pass
+    kv = round(cfg.kv_cache_gib * GiB) if cfg.kv_cache_gib is not None else kv_cache_bytes(
+        shape, cfg.max_num_seqs, recipe.model.max_length, c)
+    return weights + cfg.max_loras * lora * c + kv + GiB
 
 
 def estimate(recipe: Recipe, stages: Optional[list[Any]] = None) -> MemoryEstimate:
@@ -336,10 +361,16 @@ def format_estimate(est: MemoryEstimate) -> str:
         f"  LoRA: {_count(est.lora_params)} parameters per adapter",
         f"  {'stage':<14}{'peak':>7}" + "".join(f"{c:>12}" for c in (*COLUMNS, "overhead")),
     ]
+    columns = (*COLUMNS, "overhead", *(("vllm",) if any("vllm" in s.parts for s in est.stages) else ()))
+    lines[-1] = f"  {'stage':<14}{'peak':>7}" + "".join(f"{c:>12}" for c in columns)
     for s in est.stages:
-        lines.append(f"  {s.stage:<14}{gib(s.total):>7}" + "".join(f"{gib(s.parts[c]):>12}" for c in (*COLUMNS, "overhead")))
+        lines.append(f"  {s.stage:<14}{gib(s.total):>7}" + "".join(f"{gib(s.parts.get(c, 0)):>12}" for c in columns))
     peak = est.peak
     lines.append(f"  max: {gib(peak.total)} GiB (estimated), in {peak.stage}")
+    if "vllm" in columns:
+        lines.append("  vllm: the vLLM engine of the inference stages, beside the training base (stopped before each training"
+                     " stage); on a GPU it takes inference.gpu_memory_utilization of it, without one it is counted with the KV"
+                     " cache of inference.max_num_seqs full sequences (inference.kv_cache_gib fixes it)")
     lines.append(f"  every batch counted padded to model.max_length={est.max_length}, the worst case; unsloth's fused"
                  " loss and offloaded checkpointing need less")
     return "\n".join(lines)

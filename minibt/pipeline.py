@@ -108,13 +108,15 @@ def train_backward(ctx: Context) -> dict[str, Any]:
 
 def self_augment(ctx: Context) -> dict[str, Any]:
     corpus = ctx.rows("corpus")
-    augmented = augment(ctx.rd, ctx.engine, ctx.recipe, corpus, ctx.workers)
+    augmented = augment(ctx.rd, ctx.inference, ctx.recipe, corpus, ctx.workers)
     return {"texts": len(corpus), "empty_instructions": sum(not usable(r) for r in augmented),
-            "truncated": sum(bool(r.get(TRUNCATED)) for r in augmented), **ctx.workers.counts("augment")}
+            "truncated": sum(bool(r.get(TRUNCATED)) for r in augmented), "engine": ctx.inference.name,
+            **ctx.workers.counts("augment")}
 
 
 def self_curate(k: int) -> Callable[[Context], dict[str, Any]]:
-    return lambda ctx: curate(ctx.rd, ctx.engine, ctx.recipe, k, f"m{k - 1}", ctx.rows("augmented"), ctx.workers)
+    return lambda ctx: {**curate(ctx.rd, ctx.inference, ctx.recipe, k, f"m{k - 1}", ctx.rows("augmented"), ctx.workers),
+                        "engine": ctx.inference.name}
 
 
 def rewrite_stages(recipe: Recipe, k: int) -> list[Stage]:
@@ -122,7 +124,7 @@ def rewrite_stages(recipe: Recipe, k: int) -> list[Stage]:
     if not recipe.rewrite.enabled:
         return []
     adapter = rewrite_adapter(recipe, k)
-    return [Stage(f"rewrite_r{k}", lambda ctx: rewrite(ctx.rd, ctx.engine, ctx.recipe, k, ctx.rows(f"curated_r{k}"), ctx.workers),
+    return [Stage(f"rewrite_r{k}", lambda ctx: rewrite(ctx.rd, ctx.inference, ctx.recipe, k, ctx.rows(f"curated_r{k}"), ctx.workers),
                   outputs=(f"rewritten_r{k}",), needs=() if adapter == BASE else (adapter,),
                   batch_size=recipe.rewrite.batch_size, spreads=True)]
 

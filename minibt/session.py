@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from minibt import io
-from minibt.base_model import open_engine
+from minibt.inference import open_inference
 from minibt.engine import BASE, MIN_NEW_TOKENS, import_backend
 from minibt.engine.interface import Inference
 from minibt.errors import MinibtError
@@ -32,7 +32,8 @@ class Session:
         self.run = RunDir.open(path)
         self.recipe = self.run.recipe()
         import_backend(self.recipe.model.backend)
-        self.engine: Inference = open_engine(self.recipe, self.run.manifest.get("base_model"))
+        # the engine the recipe's inference section picks (minibt/inference.py): the HF engine, or vLLM
+        self.engine: Inference = open_inference(self.recipe, self.run.manifest.get("base_model"))
         wanted = list(adapters) if adapters is not None else self.run.adapter_names()
         for name in wanted:
             self.attach(name)

@@ -116,3 +116,35 @@ def test_the_hf_engine_is_the_runs_own(monkeypatch):
     assert not run.separate and run.engine() is hf
     run.before_training("m0")
     run.close()
+
+
+def test_the_memory_estimate_counts_the_vllm_engine_beside_the_training_base(monkeypatch):
+    from minibt import memory
+
+    recipe = from_dict({"toy": {}, "inference": {"max_num_seqs": 8}})
+    plain = {s.stage: s for s in memory.estimate(recipe).stages}
+    monkeypatch.setattr(inference, "choose", lambda cfg: ("vllm", "inference.engine is vllm"))
+    est = memory.estimate(recipe)
+    shape, c = est.shape, 4 if recipe.model.dtype == "float32" else 2
+    for s in est.stages:
+        if s.stage in ("augment", "curate_r1", "evaluate"):
+            want = memory.vllm_bytes(recipe, shape, s.parts["weights"], est.lora_params, c)
+            assert s.parts["vllm"] == want > s.parts["weights"] and s.parts["kv_cache"] == 0, s.stage
+            assert s.parts["weights"] == plain[s.stage].parts["weights"]  # the training base stays
+        else:
+            assert "vllm" not in s.parts and s.parts == plain[s.stage].parts, s.stage
+    text = memory.format_estimate(est)
+    assert "vllm" in text.splitlines()[3] and "inference.gpu_memory_utilization" in text
+    fixed = from_dict({"toy": {}, "inference": {"kv_cache_gib": 3.0}})
+    assert memory.vllm_bytes(fixed, shape, 0, 0, c) == 4 * memory.GiB  # the KV cache and 1 GiB of activations
+
+
+def test_dry_run_says_which_engine_auto_picks_and_why():
+    from click.testing import CliRunner
+
+    from minibt.cli import main
+
+    out = CliRunner().invoke(main, ["run", "toy", "inference.engine=hf", "--dry-run"])
+    assert out.exit_code == 0 and "inference engine: hf (inference.engine is hf)" in out.output
+    out = CliRunner().invoke(main, ["run", "toy", "--dry-run"])
+    assert out.exit_code == 0 and "inference engine: %s (%s)" % inference.choose(InferenceSection()) in out.output

@@ -18,7 +18,7 @@ from minibt.engine import clear_checkpoints
 from minibt.report import safe_build_report
 from minibt.recipe import Recipe
 from minibt.rundir import WEIGHTS, RunDir
-from minibt.workers import Workers, start_workers
+from minibt.workers import InProcess, Workers, start_workers
 
 
 @dataclass(frozen=True)
@@ -44,9 +44,12 @@ class Context:
     the shards of stages that spread run on (`close()` stops them)."""
 
     def __init__(self, rd: RunDir, recipe: Recipe, load_engine: Callable[[], Any]):
+        from minibt.inference import RunInference
+
         self.rd, self.recipe = rd, recipe
         self._load, self._engine = load_engine, None
         self._workers: Workers | None = None
+        self._inference = RunInference(rd, recipe, lambda: self.engine)  # inference.engine: hf, or vLLM of its own
 
     @property
     def engine(self) -> Any:
@@ -55,8 +58,17 @@ class Context:
         return self._engine
 
     @property
+    def inference(self) -> Any:
+        """The engine inference stages run on (minibt/inference.py): the run's engine, or a vLLM engine
+        started on first use."""
+        return self._inference.engine()
+
+    @property
     def workers(self) -> Workers:
-        """The run's workers, started on first use: this process's engine, or inference.workers Ray actors."""
+        """The run's workers, started on first use: this process's engine, or inference.workers Ray actors
+        (a vLLM engine of the run's own: in this process)."""
+        if self._inference.separate:
+            return InProcess(self.inference)
         return self.start_workers()
 
     def start_workers(self) -> Workers:
@@ -64,12 +76,14 @@ class Context:
             self._workers = start_workers(self.recipe, self.engine)
         return self._workers
 
-    def before_training(self) -> None:
-        """Started workers hand back what training needs (GPUs: workers.RayWorkers.before_training)."""
+    def before_training(self, adapter: str) -> None:
+        """Started workers and a vLLM engine hand back what training `adapter` needs (GPUs: their memory)."""
+        self._inference.before_training(adapter)
         if self._workers is not None:
             self._workers.before_training()
 
     def close(self) -> None:
+        self._inference.close()
         if self._workers is not None:
             self._workers.close()
             self._workers = None
@@ -86,13 +100,14 @@ def run_stage(ctx: Context, stage: Stage) -> bool:
         if stage.adapter:
             clear_checkpoints(rd.work(stage.adapter))  # left behind if a run was killed just after the stage finished
         return False
-    for name in stage.needs:  # trained in this process, or loaded from the run
-        if name not in ctx.engine.adapters:
-            ctx.engine.load_adapter(name, rd.adapter(name))
+    for name in stage.needs:  # trained in this process, or loaded from the run, onto the engine that uses it
+        engine = ctx.engine if stage.adapter else ctx.inference
+        if name not in engine.adapters:
+            engine.load_adapter(name, rd.adapter(name))
     if stage.adapter and stage.adapter in ctx.engine.adapters:  # half-trained by a failed attempt in this process
         ctx.engine.delete_adapter(stage.adapter)
     if stage.adapter:
-        ctx.before_training()
+        ctx.before_training(stage.adapter)
     try:
         with rd.stage(stage.name, stage.files(rd)) as counts:
             counts.update(_train(ctx, stage) if stage.adapter else stage.run(ctx))

@@ -40,9 +40,9 @@ def evaluate(ctx: Any) -> dict[str, Any]:
     """The evaluate stage: the ground-truth metrics, merged into metrics.json (other parts stay)."""
     from minibt.evaluate import merge_metrics
 
-    metrics = WORLD.evaluate(ctx.rd, ctx.engine, ctx.recipe)
+    metrics = WORLD.evaluate(ctx.rd, ctx.inference, ctx.recipe)
     merge_metrics(ctx.rd.path, metrics)
-    return metrics
+    return {**metrics, "engine": ctx.inference.name}
 
 
 class ToyWorld(World):
