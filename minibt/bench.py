@@ -46,6 +46,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
+from minibt.bench_vllm import vllm_line
+
 log = logging.getLogger("minibt.bench")
 
 SCHEMA_VERSION = 1
@@ -601,6 +603,12 @@ def run_bench(settings: Settings, recipe_path: str | os.PathLike | None = None, 
                            "from_augmented_pairs": len(taught), "rows": cur_res["examples"], "steps": cur_res["steps"],
                            "train_loss": cur_res["train_loss"], "seconds": round(cur_s, 1)}
 
+    # 4. the vLLM engine beside the HF engine, same base, adapters, texts and pairs (minibt/bench_vllm.py)
+    from minibt.bench_vllm import compare_vllm
+
+    with memory.phase("vllm"):
+        vllm_side = compare_vllm(engine, recipe, model_dir, MYX, CURATOR, texts, pairs, work, settings.pairs)
+
     result = {
         "bench": "minibt",
         "schema": SCHEMA_VERSION,
@@ -630,6 +638,7 @@ def run_bench(settings: Settings, recipe_path: str | os.PathLike | None = None, 
         "generation": generation,
         "curation": curation,
         "training": training,
+        "vllm": vllm_side,
         "settings": dataclasses.asdict(settings),
         "engine_truncated": engine.truncated,
         "seconds_total": round(time.perf_counter() - t_start, 1),
@@ -673,6 +682,7 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
         f"training    bare trl {t['seconds']['bare']} s vs Engine.train {t['seconds']['minibt']} s "
         f"({t['steps']} steps): ratio {t['ratio']} {_range(t['spread'])}",
         f"memory      {result['peak_memory_mib']}",
+        vllm_line(result.get("vllm", {})),
         "goals       " + ", ".join(f"{k} {v['value']} ({v['target']}: {'met' if v['met'] else 'NOT met'})"
                                    for k, v in result["goals"].items()),
         f"total       {result['seconds_total']} s",

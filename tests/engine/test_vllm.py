@@ -186,3 +186,22 @@ def test_budgets_and_clipping_follow_the_hf_engine(served):
     assert (ids, budgets) == hf.infer.fit([long, short], 40)
     assert budgets == [16, 40] and len(ids[0]) == 96 - 16  # the floor a clipped prompt keeps (MIN_NEW_TOKENS)
     assert engine.clip("one two three four", 2) == hf.clip("one two three four", 2)
+
+
+@pytest.mark.vllm
+def test_the_bench_measures_vllm_beside_the_hf_engine(served):
+    """minibt bench's vLLM side (minibt/bench_vllm.py) on the same fp32 base and adapters: both sides
+    measured, and their scores agree as the engines do."""
+    from minibt.bench_vllm import compare_vllm, vllm_line
+    from minibt.recipe import from_dict
+
+    hf, _, tmp = served
+    recipe = from_dict({"toy": {}, "inference": {"engine": "vllm", "max_num_seqs": 16}})
+    recipe = dataclasses.replace(recipe, model=hf.model_cfg, lora=LORA)
+    pairs_ = [{"instruction": f"what is the {w}", "output": f"the {w} is red."} for w in WORDS]
+    out = compare_vllm(hf, recipe, hf.model_cfg.name, "myx", "m0", questions(hf, 8), pairs_, tmp / "bench", 1)
+    assert out["served"] == {"vllm": "unquantized", "hf": "none"}
+    assert out["generation"]["tokens_per_second"]["vllm"] > 0 and out["generation"]["tokens_per_second"]["hf"] > 0
+    assert out["curation"]["distribution"]["score_difference"]["max"] < 0.01
+    assert out["curation"]["likelihood"]["score_difference"]["max"] < 0.01
+    assert vllm_line(out).startswith("vllm        generation ") and vllm_line({"skipped": "no"}) == "vllm        no"
