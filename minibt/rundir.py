@@ -253,9 +253,9 @@ class RunDir:
         counts: dict[str, Any] = entry.get("counts", {})
         entry.update(status="running", started=_now(), counts=counts)
         entry.pop("error", None)
-        self.save()
         t0 = time.time()
         try:
+            self.save()  # inside: a Ctrl-C while it fsyncs (the new manifest already in place) still says failed
             yield counts
         except BaseException as e:
             entry.update(status="failed", error=f"{type(e).__name__}: {e}"[:500], seconds=round(time.time() - t0, 1))
