@@ -41,7 +41,8 @@ local clone to `/content/minibt` and skip the `git clone` line.
     ("code", """%cd /content
 !git clone https://github.com/OWNER/minibt.git  # placeholder URL: see above
 %cd /content/minibt
-!pip install -q -e ".[unsloth]\""""),
+!pip install -q -e ".[unsloth]"
+# !pip install -q -e ".[vllm]"  # optional: augment and curate on vLLM (README, "Inference engines"); not verified on a GPU by this project"""),
     ("md", """Optional: keep the run directory on Google Drive, so a disconnected session resumes where it
 stopped (the run writes every file atomically; Drive is slower than the local disk)."""),
     ("code", """# from google.colab import drive
