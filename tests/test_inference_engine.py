@@ -1,4 +1,4 @@
-"""The recipe's inference engine (minibt/inference.py, the `inference` section's engine keys): what auto
+"""The recipe's inference engine (minibt/inference.py; tests/toy/test_inference.py is the toy world's), the `inference` section's engine keys: what auto
 picks and why, the refusals, and a run's vLLM engine started on first use, recorded, stopped before
 training on a GPU (a stand-in engine: no vLLM needed)."""
 
