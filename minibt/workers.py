@@ -238,7 +238,9 @@ class RayWorkers(Workers):
                     continue
                 finished += sizes[task.shard]
                 yield task.shard, rows
-            in_flight = ray.get(self.progress.rows.remote([(t.shard, t.attempt) for _, t in running.values()]))
+            tasks_now = [t for _, t in running.values()]
+            done_now = ray.get(self.progress.rows.remote([(t.work.kind, t.shard, t.attempt) for t in tasks_now]))
+            in_flight = sum(min(n, sizes[t.shard]) for n, t in zip(done_now, tasks_now))
             bar.update(max(0, finished + in_flight - bar.n))
 
 
@@ -252,16 +254,17 @@ def _auth_note(record: logging.LogRecord) -> bool:
 
 
 class _Progress:
-    """Rows done per (shard, attempt) in flight, reported by the workers; the driver's bar sums them."""
+    """Rows done per (stage kind, shard, attempt), reported by the workers; the driver's bar adds up
+    those of the shards in flight (a stage's shard 0 is not the next stage's)."""
 
     def __init__(self) -> None:
-        self.done: dict[tuple[int, int], int] = {}
+        self.done: dict[tuple[str, int, int], int] = {}
 
-    def add(self, shard: int, attempt: int, n: int) -> None:
-        self.done[shard, attempt] = self.done.get((shard, attempt), 0) + n
+    def add(self, kind: str, shard: int, attempt: int, n: int) -> None:
+        self.done[kind, shard, attempt] = self.done.get((kind, shard, attempt), 0) + n
 
-    def rows(self, running: list[tuple[int, int]]) -> int:
-        return sum(self.done.get(tuple(key), 0) for key in running)
+    def rows(self, running: list[tuple[str, int, int]]) -> list[int]:
+        return [self.done.get(tuple(key), 0) for key in running]
 
 
 class _Bar:
@@ -271,7 +274,7 @@ class _Bar:
         self.progress, self.task = progress, task
 
     def update(self, n: int) -> None:
-        self.progress.add.remote(self.task.shard, self.task.attempt, n)
+        self.progress.add.remote(self.task.work.kind, self.task.shard, self.task.attempt, n)
         if self.task.attempt == 0 and f"{self.task.work.kind}:{self.task.shard}" in os.environ.get(KILL_ENV, "").split(","):
             os.kill(os.getpid(), signal.SIGKILL)
 

@@ -116,6 +116,51 @@ def test_two_workers_give_the_in_process_result(cluster, tmp_path, adapter):
     assert ray.is_initialized(), "a cluster the pool did not start is left running"
 
 
+class RecordingBar:
+    """tqdm's stand-in in map_shards: every count the bar showed."""
+
+    def __init__(self, total, **kwargs):
+        self.total, self.n, self.seen = total, 0, []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        bars.append(self)
+
+    def update(self, k):
+        self.n += k
+        self.seen.append(self.n)
+
+
+bars: list[RecordingBar] = []
+
+
+def slow_halves(engine, task, progress):
+    """Reports its rows in two halves, a poll apart, so the bar sees shards in flight."""
+    half = len(task.rows) // 2
+    progress.update(half)
+    time.sleep(1.2)
+    progress.update(len(task.rows) - half)
+    return label(engine, task, None)
+
+
+def test_one_bar_over_both_workers_counts_each_row_once_stage_after_stage(cluster, tmp_path, adapter, monkeypatch):
+    monkeypatch.setattr("minibt.stages.shards.tqdm", RecordingBar)
+    bars.clear()
+    pool = RayWorkers(workers_recipe(), "base", stub_factory)
+    pool.start()
+    try:
+        for kind in ("augment", "curate_r1"):  # the same shard indices again, in another stage
+            work = Work(kind, slow_halves, workers_recipe(), adapters={"myx": adapter})
+            map_shards(run_dir(tmp_path / kind), kind, ROWS, 3, pool.runner(work), desc=kind)
+    finally:
+        pool.close()
+    for bar in bars:
+        assert bar.seen[-1] == len(ROWS) and max(bar.seen) <= len(ROWS), bar.seen
+        assert any(n % 3 for n in bar.seen), f"rows of shards in flight were shown, not only whole shards: {bar.seen}"
+
+
 def test_a_worker_killed_mid_shard_is_replaced_and_its_shard_retried(cluster, tmp_path, adapter):
     want, _ = sharded(tmp_path / "one", InProcess(StubEngine()), label, adapter)
     pool = RayWorkers(workers_recipe(), "base", stub_factory)
