@@ -134,9 +134,9 @@ class VllmEngine:
         t0, before = time.time(), _memory_in_use(gpu)
         llms = []
         for rank in range(ranks):
-            # each engine's processes see one GPU: they read CUDA_VISIBLE_DEVICES when spawned; vLLM seeds
-            # the global generators of the process that holds its engine core: this one's are kept as they were
-            with _visible_gpu(rank if ranks > 1 else None), _global_rng_kept():
+            # each engine's processes see one GPU: they read CUDA_VISIBLE_DEVICES when spawned; vLLM seeds the
+            # global generators and sets one torch thread in the process that holds its engine core: kept here
+            with _visible_gpu(rank if ranks > 1 else None), _process_state_kept():
                 llms.append(LLM(**args))
         started = {"seconds": round(time.time() - t0, 1), "memory_gib": round((_memory_in_use(gpu) - before) / 1024**3, 2),
                    "memory": "GPU memory in use" if gpu else "RSS of vLLM's processes", "data_parallel_size": ranks}
@@ -276,13 +276,14 @@ class VllmEngine:
 
 
 @contextlib.contextmanager
-def _global_rng_kept() -> Iterator[None]:
-    """Python's, numpy's and torch's global generators as they were before the block."""
-    state, np_state = random.getstate(), np.random.get_state()
+def _process_state_kept() -> Iterator[None]:
+    """Python's, numpy's and torch's global generators and torch's thread count as they were before the block."""
+    state, np_state, threads = random.getstate(), np.random.get_state(), torch.get_num_threads()
     with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
         yield
     random.setstate(state)
     np.random.set_state(np_state)
+    torch.set_num_threads(threads)
 
 
 class _visible_gpu:

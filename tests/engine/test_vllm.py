@@ -50,7 +50,12 @@ def served(tiny_model_dir, tmp_path_factory):
         hf.train(name, rows, TRAIN, tmp / "work" / name)
         folders[name] = tmp / "adapters" / name
         hf.save_adapter(name, folders[name])
+    torch.set_num_threads(2)  # vLLM sets one thread and seeds the global generators where its engine core runs
+    torch.manual_seed(123)
+    rng = torch.get_rng_state()
     engine = VllmEngine.start(model_cfg, LORA, InferenceSection(engine="vllm", max_num_seqs=32), seed=0)
+    KEPT.update(threads=torch.get_num_threads(), rng=torch.equal(torch.get_rng_state(), rng))
+    torch.set_num_threads(1)
     for name, folder in folders.items():
         engine.load_adapter(name, folder)
     yield hf, engine, tmp
@@ -81,6 +86,15 @@ def test_engine_args_follow_the_recipe_and_the_device():
         lora_rank(600)
     with pytest.raises(MinibtError, match="lora.target_modules"):
         engine_args(model, LoraSection(target_modules=["q_proj", "lm_head"]), cfg, seed=0, gpu=False)
+
+
+KEPT: dict = {}  # this process's torch threads and generator across the engine's start (the fixture's)
+
+
+@pytest.mark.vllm
+def test_the_start_leaves_this_process_as_it_was(served):
+    """Training runs in this process after vLLM started: its thread count and random state are its own."""
+    assert KEPT == {"threads": 2, "rng": True}
 
 
 @pytest.mark.vllm
