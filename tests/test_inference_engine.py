@@ -40,6 +40,17 @@ def test_vllm_with_ray_workers_is_refused(monkeypatch):
         section(engine="vllm", workers=2)
 
 
+def test_more_vllm_engines_than_gpus_are_refused_before_anything_loads(monkeypatch):
+    import torch
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "vllm" else real(name, *a))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(RecipeError, match="inference.data_parallel_size: 2 vLLM engines need as many GPUs, this machine has 1"):
+        section(engine="vllm", data_parallel_size=2)
+    assert section(engine="vllm").data_parallel_size == 1
+
+
 def test_vllm_missing_is_refused_before_anything_loads(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a))
