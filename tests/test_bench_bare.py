@@ -1,10 +1,10 @@
-"""The bench's bare trl side in its own process (minibt/bench_bare.py): the same training as in-process."""
+"""The bench's bare trl side in its own process (minibt/bench/bare.py): the same training as in-process."""
 
 from __future__ import annotations
 
 import os
 
-from minibt.bench_bare import BareSide
+from minibt.bench.bare import BareSide
 from minibt.engine import Engine
 from minibt.recipe import LoraSection, ModelSection, TrainSection
 from tiny_engine import pairs

