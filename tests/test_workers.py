@@ -35,6 +35,9 @@ class StubEngine:
     def load_adapter(self, name: str, path) -> None:
         self.loaded[name] = open(os.path.join(path, "adapter_config.json")).read()
 
+    def generate(self, adapter, prompts, max_new_tokens, **kwargs):  # the workers' warm-up call
+        return ["" for _ in prompts]
+
 
 def stub_factory(recipe, base_model):
     return StubEngine()
