@@ -161,14 +161,21 @@ class RayWorkers(Workers):
         self._start_actors()
 
     def _start_actors(self) -> None:
-        self.actors = [self._new_actor() for _ in range(self.count)]
+        # On the driver's own machine without GPUs, at most cores - 1 load at once: their start (imports,
+        # base, first generation) is CPU work, and the driver trains on the core left. Elsewhere all at once.
+        at_once = self.count if (self.gpus or not self.own_cluster) else max(1, (os.cpu_count() or 2) - 1)
+        self.actors, warms = [], []
+        for k in range(self.count):
+            self.actors.append(self._new_actor(after=warms[k - at_once] if k >= at_once else None))
+            warms.append(self.actors[-1].warmed)
         log.info("workers: %d Ray workers starting (%s each)", self.count, "1 GPU" if self.gpus else "1 CPU")
 
-    def _new_actor(self) -> Any:
+    def _new_actor(self, after: Any = None) -> Any:
         import ray
 
         actor = ray.remote(num_cpus=1, num_gpus=self.gpus, max_restarts=0)(_Worker).remote(self.recipe, self.base_model, self.factory)
-        actor.warm.remote()  # load the base now, while the driver is busy
+        # load the base now, while the driver is busy; `after`: another worker's warm-up, which Ray finishes first
+        actor.warmed = actor.warm.remote(after)
         return actor
 
     def before_training(self) -> None:
@@ -287,7 +294,7 @@ class _Worker:
         self.adapter_dirs: dict[str, str] = {}
         self.scratch = tempfile.mkdtemp(prefix="minibt-worker-")
 
-    def warm(self) -> int:
+    def warm(self, after: Any = None) -> int:
         if self.engine is None:
             import torch
 
