@@ -25,6 +25,8 @@ import logging
 import os
 import signal
 import tempfile
+import threading
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -38,6 +40,7 @@ ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")  # what PEF
 # A test hook: "KIND:SHARD[,KIND:SHARD...]" makes the worker running such a shard's first attempt SIGKILL
 # itself after its first progress update, so the fault tests kill a worker mid-shard at a known place.
 KILL_ENV = "MINIBT_TEST_KILL_WORKER"
+_QUIET = {"include_dashboard": False, "log_to_driver": False, "logging_level": logging.WARNING}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,11 +118,12 @@ class Runner:
 
 
 def start_workers(recipe: Any, engine: Any, factory: Callable[[Any, str], Any] | None = None) -> Workers:
-    """The run's workers: its own engine for workers=1 (Ray never imported), else Ray actors started
-    now, so that they load the base while the driver trains; `close()` stops them (and a local Ray)."""
+    """The run's workers: its own engine for workers=1 (Ray never imported), else this engine and Ray
+    actors, started now, in the background, so that they load the base while the driver trains;
+    `close()` stops them (and a local Ray)."""
     if recipe.inference.workers == 1:
         return InProcess(engine)
-    pool = RayWorkers(recipe, engine.model_cfg.name, factory)
+    pool = RayWorkers(recipe, engine, engine.model_cfg.name, factory)
     try:
         pool.start()
     except BaseException:
@@ -129,46 +133,84 @@ def start_workers(recipe: Any, engine: Any, factory: Callable[[Any, str], Any] |
 
 
 class RayWorkers(Workers):
-    """N Ray actors, one CPU (and one GPU where the cluster has them) each, shared by the run's stages."""
+    """`inference.workers` workers: on CPUs this process (its engine, in a thread) and N - 1 Ray actors
+    of one CPU each, whose cores would otherwise idle while the driver waits; where the cluster has
+    GPUs, N actors of one GPU (and one CPU) each. Shared by the run's stages."""
 
-    def __init__(self, recipe: Any, base_model: str, factory: Callable[[Any, str], Any] | None = None):
-        self.recipe, self.base_model, self.count = recipe, base_model, recipe.inference.workers
+    def __init__(self, recipe: Any, engine: Any, base_model: str, factory: Callable[[Any, str], Any] | None = None):
+        self.recipe, self.engine, self.base_model, self.count = recipe, engine, base_model, recipe.inference.workers
         self.factory = factory  # engine factory(recipe, base_model), module-level; None: the pipeline's
         self.actors: list[Any] = []
         self.retried = collections.Counter()
-        self.own_cluster = False
+        self.here = 1  # workers in this process: 1 on CPUs, 0 on GPUs (the driver's GPU is for training)
+        self.ray_started_here = False  # ray.init called by this pool: close() calls ray.shutdown()
+        self.local = False  # a local cluster of our own, started in self.up
         self.shipped: dict[tuple[str, str], Any] = {}  # (adapter, folder) -> its files in Ray's object store
+        self.up: threading.Thread | None = None
+        self.ready, self.stop = threading.Event(), threading.Event()
+        self.failed: BaseException | None = None
 
     def start(self) -> None:
+        """Check the cluster has room, then start Ray and the actors in a thread of their own (`_bring_up`):
+        the driver goes on (to train) meanwhile. A running cluster (`ray_address`, or a Ray this process
+        started) is asked now, so that what it lacks is an error before anything trains."""
         import ray
 
-        cfg = self.recipe.inference
         logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(_auth_note)
-        if not ray.is_initialized():
-            # local: a cluster of our own with one CPU per worker (never one found lying around), whose
-            # workers keep the run's priority (Ray's default lowers theirs by 15: on a busy machine they
-            # then wait behind everything, the driver included)
-            own = {"num_cpus": self.count, "_system_config": {"worker_niceness": 0}}
-            address, size = (cfg.ray_address, {}) if cfg.ray_address else ("local", own)
-            ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING, **size)
-            self.own_cluster = True
-        have = ray.cluster_resources()
+        address = self.recipe.inference.ray_address
+        self.local = not ray.is_initialized() and not address
+        if self.local:  # sized by us: as many CPUs as actors; GPUs are the machine's
+            import torch
+
+            have = {"CPU": float("inf"), "GPU": torch.cuda.device_count() if torch.cuda.is_available() else 0}
+        else:
+            if not ray.is_initialized():
+                ray.init(address=address, **_QUIET)
+                self.ray_started_here = True
+            have = ray.cluster_resources()
         self.gpus = 1 if have.get("GPU", 0) > 0 else 0
-        kind, needed = ("GPU", self.count) if self.gpus else ("CPU", self.count)
+        self.here = 0 if self.gpus else 1
+        kind, needed = ("GPU", self.count) if self.gpus else ("CPU", self.count - self.here)
         if have.get(kind, 0) < needed:
-            raise MinibtError(f"inference.workers: {self.count} workers need {needed} {kind}s, the Ray cluster has {have.get(kind, 0):g}")
-        self.progress = ray.remote(num_cpus=0)(_Progress).remote()
-        self._start_actors()
+            what = f"{needed} Ray workers" if self.gpus else f"this process and {needed} Ray workers"
+            raise MinibtError(f"inference.workers: {self.count} workers ({what}) need {needed} {kind}s, "
+                              f"the Ray cluster has {have.get(kind, 0):g}")
+        self.up = threading.Thread(target=self._bring_up, daemon=True, name="minibt-ray")
+        self.up.start()
+
+    def _bring_up(self) -> None:
+        try:
+            import ray
+
+            if self.local:
+                # one CPU per actor, never a cluster found lying around; its workers keep the run's priority
+                # (Ray's default lowers theirs by 15: on a busy machine they then wait behind everything)
+                ray.init(address="local", num_cpus=self.count - self.here, _system_config={"worker_niceness": 0}, **_QUIET)
+                self.ray_started_here = True
+            self.progress = ray.remote(num_cpus=0)(_Progress).remote()
+            self._start_actors()
+        except BaseException as e:  # raised where the workers are first needed (compute), or logged by close()
+            self.failed = e
+        finally:
+            self.ready.set()
+        self.stop.wait()  # the processes of a local Ray die with the thread that started them (PR_SET_PDEATHSIG)
+
+    def _wait_up(self) -> None:
+        self.ready.wait()
+        if self.failed is not None:
+            raise self.failed
 
     def _start_actors(self) -> None:
         # On the driver's own machine without GPUs, at most cores - 1 load at once: their start (imports,
         # base, first generation) is CPU work, and the driver trains on the core left. Elsewhere all at once.
-        at_once = self.count if (self.gpus or not self.own_cluster) else max(1, (os.cpu_count() or 2) - 1)
+        n = self.count - self.here
+        at_once = n if (self.gpus or not self.local) else max(1, (os.cpu_count() or 2) - 1)
         self.actors, warms = [], []
-        for k in range(self.count):
+        for k in range(n):
             self.actors.append(self._new_actor(after=warms[k - at_once] if k >= at_once else None))
             warms.append(self.actors[-1].warmed)
-        log.info("workers: %d Ray workers starting (%s each)", self.count, "1 GPU" if self.gpus else "1 CPU")
+        log.info("workers: %d Ray workers starting (%s each)%s", n, "1 GPU" if self.gpus else "1 CPU",
+                 " beside this process" if self.here else "")
 
     def _new_actor(self, after: Any = None) -> Any:
         import ray
@@ -179,9 +221,10 @@ class RayWorkers(Workers):
         return actor
 
     def before_training(self) -> None:
-        """On GPUs the workers let go of theirs (one shares the driver's): the next stage starts new ones.
-        On CPUs they stay, warm, in their own processes."""
+        """On GPUs the workers let go of theirs (one may share the driver's): the next stage starts new
+        ones. On CPUs they stay, warm, in their own processes."""
         if self.gpus:
+            self._wait_up()
             self._stop_actors()
 
     def _stop_actors(self) -> None:
@@ -195,9 +238,14 @@ class RayWorkers(Workers):
     def close(self) -> None:
         import ray
 
+        if self.up is not None:
+            self.ready.wait()  # a Ray still starting is stopped once up, never left half-started
+            if self.failed is not None:
+                log.debug("workers: Ray did not start: %r", self.failed)
         self._stop_actors()
-        if self.own_cluster and ray.is_initialized():
+        if self.ray_started_here and ray.is_initialized():
             ray.shutdown()
+        self.stop.set()
 
     def _ship(self, work: Work) -> dict[str, Any]:
         """Each adapter's files, put into Ray's object store once: workers on other machines read them there."""
@@ -214,23 +262,34 @@ class RayWorkers(Workers):
 
         if not tasks:
             return
+        self._wait_up()
         if not self.actors:  # let go of before a training stage
             self._start_actors()
         files = self._ship(tasks[0].work)
         queue = collections.deque(tasks)
-        running: dict[Any, tuple[int, Task]] = {}  # the task's ref -> (worker slot, task)
+        here = len(self.actors)  # the slot of this process's worker (when self.here): after the actors'
+        running: dict[Future, tuple[int, Task]] = {}  # a shard's result -> (worker slot, task)
         sizes = {t.shard: len(t.rows) for t in tasks}
+        done_here = _Count()  # rows of this process's shard in flight
         finished = bar.n
         while queue or running:
-            idle = [s for s in range(self.count) if s not in {slot for slot, _ in running.values()}]
-            for slot in idle[: len(queue)]:
-                task = queue.popleft()
-                running[self.actors[slot].run.remote(task, files, self.progress)] = (slot, task)
-            ready, _ = ray.wait(list(running), num_returns=1, timeout=POLL_SECONDS)
-            for ref in ready:
-                slot, task = running.pop(ref)
+            busy = {slot for slot, _ in running.values()}
+            for slot in [s for s in range(here + self.here) if s not in busy]:
+                # a shard that killed a worker is retried on a worker, never here: it could kill the run
+                task = next((t for t in queue if slot < here or t.attempt == 0), None)
+                if task is None:
+                    continue
+                queue.remove(task)
+                if slot < here:
+                    running[self.actors[slot].run.remote(task, files, self.progress).future()] = (slot, task)
+                else:
+                    done_here.n = 0
+                    running[_in_thread(run_task, self.engine, task, done_here)] = (slot, task)
+            ready, _ = wait(list(running), timeout=POLL_SECONDS, return_when=FIRST_COMPLETED)
+            for future in ready:
+                slot, task = running.pop(future)
                 try:
-                    rows = ray.get(ref)
+                    rows = future.result()
                 except RayTaskError as e:  # the work raised: a bug or bad input, the same on any worker
                     raise (e.cause if isinstance(e.cause, Exception) else e) from None
                 except RayActorError:
@@ -245,10 +304,37 @@ class RayWorkers(Workers):
                     continue
                 finished += sizes[task.shard]
                 yield task.shard, rows
-            tasks_now = [t for _, t in running.values()]
-            done_now = ray.get(self.progress.rows.remote([(t.work.kind, t.shard, t.attempt) for t in tasks_now]))
-            in_flight = sum(min(n, sizes[t.shard]) for n, t in zip(done_now, tasks_now))
+            remote = [t for slot, t in running.values() if slot < here]
+            done_now = ray.get(self.progress.rows.remote([(t.work.kind, t.shard, t.attempt) for t in remote])) if remote else []
+            in_flight = sum(min(n, sizes[t.shard]) for n, t in zip(done_now, remote))
+            if any(slot == here for slot, _ in running.values()):
+                in_flight += done_here.n
             bar.update(max(0, finished + in_flight - bar.n))
+
+
+def _in_thread(fn: Callable[..., Any], *args: Any) -> Future:
+    """fn(*args) in a thread of this process; its result (or error) in the returned future. Torch lets go
+    of the GIL while it computes, so the driver's loop over the workers goes on meanwhile."""
+    future: Future = Future()
+
+    def target() -> None:
+        try:
+            future.set_result(fn(*args))
+        except BaseException as e:
+            future.set_exception(e)
+
+    threading.Thread(target=target, daemon=True, name="minibt-shard").start()
+    return future
+
+
+class _Count:
+    """The `progress` of this process's own shard: rows done, which the driver's bar adds to the workers'."""
+
+    def __init__(self) -> None:
+        self.n = 0
+
+    def update(self, n: int) -> None:
+        self.n += n
 
 
 def _auth_note(record: logging.LogRecord) -> bool:

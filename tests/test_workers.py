@@ -1,5 +1,5 @@
-"""minibt/workers.py on a local Ray cluster of 2 one-CPU workers, with a stand-in engine (no model):
-shards spread over both workers, results equal the in-process ones, a worker killed mid-shard is
+"""minibt/workers.py on a local Ray cluster of 2 CPUs, with a stand-in engine (no model): shards spread
+over both workers (this process and one Ray actor), results equal the in-process ones, a worker killed mid-shard is
 replaced and its shard retried, an error of the work itself is the run's error, adapters reach the
 workers as files. The toy run on workers: tests/toy/test_toy_workers.py."""
 
@@ -51,15 +51,17 @@ def label(engine, task, progress):
     return [{**r, "by": engine.loaded["myx"], "pid": os.getpid(), "shard": task.shard} for r in task.rows]
 
 
+# Shard 0 is the first a stage hands out, always to a Ray worker (this process takes the next): the
+# functions below kill the process running it, which is then never pytest's
 def die_mid_shard(engine, task, progress):
-    if task.shard == 1 and task.attempt == 0:
+    if task.shard == 0 and task.attempt == 0:
         progress.update(1)  # some of the shard done, then the worker dies
         os.kill(os.getpid(), signal.SIGKILL)
     return label(engine, task, progress)
 
 
 def die_every_time(engine, task, progress):
-    if task.shard == 2:
+    if task.shard == 0:  # retried on Ray workers only, never in the driver (it would kill the run)
         os.kill(os.getpid(), signal.SIGKILL)
     return label(engine, task, progress)
 
@@ -106,7 +108,7 @@ def without_pids(rows):
 
 def test_two_workers_give_the_in_process_result(cluster, tmp_path, adapter):
     local, local_counts = sharded(tmp_path / "one", InProcess(StubEngine()), label, adapter)
-    pool = RayWorkers(workers_recipe(), "base", stub_factory)
+    pool = RayWorkers(workers_recipe(), StubEngine(), "base", stub_factory)
     pool.start()
     try:
         spread, counts = sharded(tmp_path / "two", pool, label, adapter)
@@ -114,7 +116,8 @@ def test_two_workers_give_the_in_process_result(cluster, tmp_path, adapter):
         pool.close()
     assert without_pids(spread) == without_pids(local), "same rows, same order, whichever worker ran a shard"
     assert spread[0]["by"] == '{"r": 4}', "the adapter reached the worker as files"
-    assert len({r["pid"] for r in spread}) == 2 and os.getpid() not in {r["pid"] for r in spread}
+    pids = {r["pid"] for r in spread}
+    assert len(pids) == 2 and os.getpid() in pids, "this process and one Ray worker"
     assert local_counts == {"workers": 1, "retried_shards": 0} and counts == {"workers": 2, "retried_shards": 0}
     assert ray.is_initialized(), "a cluster the pool did not start is left running"
 
@@ -151,7 +154,7 @@ def slow_halves(engine, task, progress):
 def test_one_bar_over_both_workers_counts_each_row_once_stage_after_stage(cluster, tmp_path, adapter, monkeypatch):
     monkeypatch.setattr("minibt.stages.shards.tqdm", RecordingBar)
     bars.clear()
-    pool = RayWorkers(workers_recipe(), "base", stub_factory)
+    pool = RayWorkers(workers_recipe(), StubEngine(), "base", stub_factory)
     pool.start()
     try:
         for kind in ("augment", "curate_r1"):  # the same shard indices again, in another stage
@@ -166,7 +169,7 @@ def test_one_bar_over_both_workers_counts_each_row_once_stage_after_stage(cluste
 
 def test_a_worker_killed_mid_shard_is_replaced_and_its_shard_retried(cluster, tmp_path, adapter):
     want, _ = sharded(tmp_path / "one", InProcess(StubEngine()), label, adapter)
-    pool = RayWorkers(workers_recipe(), "base", stub_factory)
+    pool = RayWorkers(workers_recipe(), StubEngine(), "base", stub_factory)
     pool.start()
     try:
         got, counts = sharded(tmp_path / "two", pool, die_mid_shard, adapter)
@@ -179,20 +182,20 @@ def test_a_worker_killed_mid_shard_is_replaced_and_its_shard_retried(cluster, tm
 
 
 def test_a_shard_that_kills_every_worker_stops_the_run_after_three_attempts(cluster, tmp_path, adapter):
-    pool = RayWorkers(workers_recipe(), "base", stub_factory)
+    pool = RayWorkers(workers_recipe(), StubEngine(), "base", stub_factory)
     pool.start()
     try:
-        with pytest.raises(MinibtError, match=r"^augment: shard 2 killed its worker 3 times"):
+        with pytest.raises(MinibtError, match=r"^augment: shard 0 killed its worker 3 times"):
             sharded(tmp_path, pool, die_every_time, adapter)
     finally:
         pool.close()
     assert pool.retried["augment"] == 2
     shards = sorted(p.name for p in (tmp_path / "data" / "augmented.shards").iterdir())
-    assert "00002.jsonl" not in shards and "00000.jsonl" in shards, "the other shards are kept for the rerun"
+    assert "00000.jsonl" not in shards and "00001.jsonl" in shards, "the other shards are kept for the rerun"
 
 
 def test_an_error_of_the_work_itself_is_the_runs_error_not_retried(cluster, tmp_path, adapter):
-    pool = RayWorkers(workers_recipe(), "base", stub_factory)
+    pool = RayWorkers(workers_recipe(), StubEngine(), "base", stub_factory)
     pool.start()
     try:
         with pytest.raises(MinibtError, match=r"^shard \d: row 2 has no text$"):
@@ -202,6 +205,6 @@ def test_an_error_of_the_work_itself_is_the_runs_error_not_retried(cluster, tmp_
 
 
 def test_more_workers_than_the_cluster_has_cpus_is_one_line(cluster):
-    pool = RayWorkers(from_dict({"toy": {}, "inference": {"workers": 3}}), "base", stub_factory)
-    with pytest.raises(MinibtError, match=r"^inference.workers: 3 workers need 3 CPUs, the Ray cluster has 2$"):
+    pool = RayWorkers(from_dict({"toy": {}, "inference": {"workers": 4}}), StubEngine(), "base", stub_factory)
+    with pytest.raises(MinibtError, match=r"^inference.workers: 4 workers \(this process and 3 Ray workers\) need 3 CPUs, the Ray cluster has 2$"):
         pool.start()

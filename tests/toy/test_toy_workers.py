@@ -28,7 +28,7 @@ def digests(run) -> dict[str, str]:
 
 def test_two_workers_with_a_worker_killed_in_each_stage_give_the_one_worker_run(toy_cache, tmp_path, monkeypatch):
     run_toy(tmp_path, "one", small_recipe(**SHARDS))
-    monkeypatch.setenv(KILL_ENV, "augment:1,curate_r1:2")  # read by the workers the run starts
+    monkeypatch.setenv(KILL_ENV, "augment:0,curate_r1:0")  # read by the workers the run starts
     run_toy(tmp_path, "two", {**small_recipe(**SHARDS), "inference": {"workers": 2}})
 
     one, two = tmp_path / "one", tmp_path / "two"
