@@ -106,7 +106,8 @@ def main() -> None:
     from minibt.rundir import RunDir
     from minibt.stages.augment import augment_shard
     from minibt.stages.shards import map_shards
-    from minibt.workers import InProcess, RayWorkers, Work
+    from minibt.ray_pool import RayWorkers
+from minibt.workers import InProcess, Work
 
     run = RunDir(args.run)
     recipe = load_recipe(args.run / "recipe.yaml")

@@ -45,8 +45,9 @@ class World:
         """Stages (minibt/stages/stage.py) that run after the method's own."""
         return []
 
-    def evaluate(self, run: Any, engine: Any, recipe: Recipe) -> dict[str, Any]:
-        """Its metrics: the part of metrics.json it owns (`minibt eval --toy` recomputes them)."""
+    def evaluate(self, run: Any, engine: Any, recipe: Recipe, workers: Any = None) -> dict[str, Any]:
+        """Its metrics: the part of metrics.json it owns (`minibt eval --toy` recomputes them); its
+        generations may run on the run's `workers` (minibt/workers.py), else on `engine`."""
         return {}
 
     def prepare_lines(self, counts: dict[str, Any]) -> list[str]:

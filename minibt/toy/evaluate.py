@@ -8,12 +8,15 @@ from __future__ import annotations
 
 from typing import Any
 
+from tqdm.auto import tqdm
+
 from minibt import io
-from minibt.engine import Engine
+from minibt.engine import BASE, Engine
 from minibt.recipe import Recipe
 from minibt.rundir import RunDir
 from minibt.roles import MYX, backward_prompt, forward_prompt, round_threshold
 from minibt.toy import metrics
+from minibt.workers import InProcess, Task, Work, Workers
 
 ANSWER_TOKENS = 32  # a toy answer is one sentence
 EVAL_BATCH = 64  # prompts per generation batch (the memory estimate reads it from the evaluate stage)
@@ -35,18 +38,25 @@ def forward_accuracy(engine: Engine, recipe: Recipe, adapter: str, questions: li
     return metrics.forward_accuracy(forward_answers(engine, recipe, adapter, questions), questions)
 
 
-def evaluate_toy(rd: RunDir, engine: Engine, recipe: Recipe) -> dict[str, Any]:
-    """The ground-truth metrics of a finished toy run: its part of metrics.json (the caller merges it)."""
+def evaluate_toy(rd: RunDir, engine: Engine, recipe: Recipe, workers: Workers | None = None) -> dict[str, Any]:
+    """The ground-truth metrics of a finished toy run: its part of metrics.json (the caller merges it).
+    Its generations (each model's answers, myx's instructions) run on the run's `workers` (default:
+    `engine`, in this process), one model's at a time per worker."""
     backward_eval = io.read_jsonl(rd.data("backward_eval"))
     questions = io.read_jsonl(rd.data("eval"))
     augmented = io.read_jsonl(rd.data("augmented"))
     seed_attributes = {r["attribute"] for r in backward_eval} - {q["attribute"] for q in questions}
     rounds = recipe.forward.rounds
-    for name in [MYX, "m0", *(f"m{k}" for k in range(1, rounds + 1)), "m1_uncurated"]:
-        if name not in engine.adapters:
-            engine.load_adapter(name, rd.adapter(name))
+    last = f"m{rounds}"
+    adapters = ["base", "m0", *(f"m{k}" for k in range(1, rounds + 1)), "m1_uncurated"]
 
-    written = engine.generate(MYX, [backward_prompt(engine, r["text"], 64) for r in backward_eval], max_new_tokens=64, batch_size=EVAL_BATCH)
+    asks = {MYX: ([backward_prompt(engine, r["text"], 64) for r in backward_eval], 64)}
+    asks.update({a: ([forward_prompt(engine, recipe, q["instruction"]) for q in questions], ANSWER_TOKENS) for a in adapters})
+    if recipe.forward.tags:  # the paper's tags: the last model prompted with the augmented-data tag instead of the seed tag
+        asks["tagged"] = ([forward_prompt(engine, recipe, q["instruction"], augmented=True) for q in questions], ANSWER_TOKENS)
+    said = _generate(rd, engine, recipe, asks, workers or InProcess(engine), last)
+
+    written = said[MYX]
     seen = [i for i, r in enumerate(backward_eval) if r["attribute"] in seed_attributes]
     unseen = [i for i, r in enumerate(backward_eval) if r["attribute"] not in seed_attributes]
     out: dict[str, Any] = {
@@ -72,20 +82,40 @@ def evaluate_toy(rd: RunDir, engine: Engine, recipe: Recipe) -> dict[str, Any]:
             out[f"rewrite{suffix}"] = metrics.rewrite_measures(io.read_jsonl(rd.data(f"rewritten_r{k}")))
     out["clean_share"] = round(100 - out["noise_fraction"], 1)
 
-    adapters = ["base", "m0", *(f"m{k}" for k in range(1, rounds + 1)), "m1_uncurated"]
-    answers = {a: forward_answers(engine, recipe, a, questions) for a in adapters}
+    answers = {a: said[a] for a in adapters}
     out["forward_accuracy"] = {a: metrics.forward_accuracy(ans, questions) for a, ans in answers.items()}
     # answers that are questions: the forum-style echo that uncurated web noise teaches
     out["forward_echo_share"] = {a: metrics.echo_share(ans) for a, ans in answers.items()}
     # answers in one of the seed's answer forms: the assistant's style that rewriting aims at
     out["forward_answer_form_share"] = {a: metrics.answer_form_share(ans) for a, ans in answers.items()}
-    if recipe.forward.tags:
-        # the paper's tags: the last model prompted with the augmented-data tag instead of the seed tag
-        last = f"m{rounds}"
-        tagged = forward_answers(engine, recipe, last, questions, augmented_tag=True)
-        out["forward_accuracy_augmented_tag"] = {last: metrics.forward_accuracy(tagged, questions)}
+    if "tagged" in said:
+        out["forward_accuracy_augmented_tag"] = {last: metrics.forward_accuracy(said["tagged"], questions)}
     out["claims"] = [{"claim": c, "holds": h, "numbers": n} for c, h, n in claims(out)]
     return out
+
+
+def _generate(rd: RunDir, engine: Engine, recipe: Recipe, asks: dict[str, tuple[list[str], int]], workers: Workers,
+              last: str) -> dict[str, list[str]]:
+    """{name: its completions} for asks {name: (prompts, max_new_tokens)}, each name's prompts one task;
+    "tagged" is the last model's, the others name their adapter."""
+    names = list(asks)
+    used = {n: last if n == "tagged" else n for n in names}
+    work = Work("evaluate", generate_task, recipe, adapters={a: str(rd.adapter(a)) for a in set(used.values()) - {BASE}})
+    for a in work.adapters:  # the run's own engine computes some of them (workers=1: all)
+        if a not in engine.adapters:
+            engine.load_adapter(a, rd.adapter(a))
+    jobs = [(k, [{"adapter": used[n], "max_new_tokens": asks[n][1], "prompt": p} for p in asks[n][0]]) for k, n in enumerate(names)]
+    with tqdm(total=sum(len(rows) for _, rows in jobs), desc="evaluate", unit="row", dynamic_ncols=True) as bar:
+        done = dict(workers.runner(work).compute(jobs, bar))
+    return {n: [r["text"] for r in done[k]] for k, n in enumerate(names)}
+
+
+def generate_task(engine: Engine, task: Task, progress: Any) -> list[dict[str, Any]]:
+    """One model's generations of the evaluation, on any worker's engine (minibt/workers.py): greedy."""
+    first = task.rows[0]
+    texts = engine.generate(first["adapter"], [r["prompt"] for r in task.rows], max_new_tokens=first["max_new_tokens"],
+                            batch_size=EVAL_BATCH, progress=progress)
+    return [{"text": t} for t in texts]
 
 
 def claims(m: dict[str, Any]) -> list[tuple[str, bool, str]]:

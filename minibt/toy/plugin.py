@@ -40,7 +40,7 @@ def evaluate(ctx: Any) -> dict[str, Any]:
     """The evaluate stage: the ground-truth metrics, merged into metrics.json (other parts stay)."""
     from minibt.evaluate import merge_metrics
 
-    metrics = WORLD.evaluate(ctx.rd, ctx.inference, ctx.recipe)
+    metrics = WORLD.evaluate(ctx.rd, ctx.inference, ctx.recipe, ctx.workers)
     merge_metrics(ctx.rd.path, metrics)
     return {**metrics, "engine": ctx.inference.name}
 
@@ -84,12 +84,12 @@ class ToyWorld(World):
         from minibt.toy.evaluate import EVAL_BATCH
 
         return [Stage("m1_uncurated", train_uncurated, adapter="m1_uncurated"),
-                Stage("evaluate", evaluate, batch_size=EVAL_BATCH)]
+                Stage("evaluate", evaluate, batch_size=EVAL_BATCH, spreads=True)]
 
-    def evaluate(self, run: Any, engine: Any, recipe: Any) -> dict[str, Any]:
+    def evaluate(self, run: Any, engine: Any, recipe: Any, workers: Any = None) -> dict[str, Any]:
         from minibt.toy.evaluate import evaluate_toy
 
-        return evaluate_toy(run, engine, recipe)
+        return evaluate_toy(run, engine, recipe, workers)
 
     def prepare_lines(self, counts: dict[str, Any]) -> list[str]:
         return [f"seed: {counts['seed']} pairs from the toy world",

@@ -1,8 +1,8 @@
 """The reduced toy run through the real CLI with `inference.workers=2` (a local Ray cluster of 2
 one-thread workers, started and stopped by the run): its augmented instructions, scores, curated set
 and everything after them equal the one-worker run's, byte for byte, while a worker is SIGKILLed in the
-middle of an augment shard and another in the middle of a curation shard (workers.KILL_ENV); each
-killed shard is retried on a new worker and counted. The pool alone: tests/test_workers.py."""
+middle of an augment shard and another in the middle of a curation shard (ray_pool.KILL_ENV); each
+killed shard is retried on a new worker and counted. The pool alone: tests/test_ray_pool.py."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import json
 import pytest
 from reduced_world import run_toy, small_recipe  # tests/toy is on sys.path (pytest's prepend import mode)
 
-from minibt.workers import KILL_ENV
+from minibt.ray_pool import KILL_ENV
 
 pytest.importorskip("ray")  # the `ray` extra; .ci/run installs it, so CI runs this
 

@@ -1,4 +1,4 @@
-"""minibt/workers.py on a local Ray cluster of 2 CPUs, with a stand-in engine (no model): shards spread
+"""minibt/ray_pool.py on a local Ray cluster of 2 CPUs, with a stand-in engine (no model): shards spread
 over both workers (this process and one Ray actor), results equal the in-process ones, a worker killed mid-shard is
 replaced and its shard retried, an error of the work itself is the run's error, adapters reach the
 workers as files. The toy run on workers: tests/toy/test_toy_workers.py."""
@@ -16,7 +16,8 @@ from minibt.errors import MinibtError
 from minibt.recipe import from_dict
 from minibt.rundir import RunDir
 from minibt.stages.shards import map_shards
-from minibt.workers import InProcess, RayWorkers, Work
+from minibt.ray_pool import RayWorkers
+from minibt.workers import InProcess, Work
 
 ray = pytest.importorskip("ray")  # the `ray` extra; .ci/run installs it, so CI runs these
 ROWS = [{"id": i, "text": f"text {i}"} for i in range(10)]  # shards of 3: 3 + 3 + 3 + 1
