@@ -1,4 +1,4 @@
-"""Self-augmentation on 2 Ray workers against 1 (this process), side by side in one run (issue 18).
+"""Self-augmentation on 2 workers (this process and a Ray actor) against 1, side by side in one run (issue 18).
 
     minibt run recipes/toy.yaml --out runs/toy                 # any finished run with myx (or past augment)
     python bench/workers.py --run runs/toy                     # -> bench/results/workers-cpu.json
@@ -6,13 +6,14 @@
 
 Both sides augment the same first --texts corpus texts of the run with its myx adapter and its recipe
 (shards of augment.shard_size, each shard's seed from its index) through map_shards into a fresh folder:
-one side on the run's engine in this process (inference.workers=1), the other on 2 Ray actors of one
-CPU and one torch thread each (inference.workers=2), warm: they loaded the base and myx before the
-first timed pass, as in a run, where they start while the driver trains. Their outputs must be
+one side on the run's engine in this process (inference.workers=1), the other on 2 workers of one
+torch thread each (inference.workers=2: the same engine, in a thread, and a Ray actor of one CPU), warm:
+the actor loaded the base and myx before the first timed pass, as in a run, where it starts while the
+driver trains. Their outputs must be
 identical. Timed as interleaved pairs (bench.interleaved_pairs: one untimed 2-worker pass, then
 2-worker, 1-worker, ... ); each pair's ratio is 1-worker seconds / 2-worker seconds, the median counts,
 `spread` gives the pairs' range. The start-up the 2-worker side paid once (Ray's local cluster and the
-actors' imports and base load) is reported apart, with the machine's load average before and after.
+actor's imports and base load) is reported apart, with the machine's load average before and after.
 The machine may be shared: each side's run also records the CPU seconds other processes used meanwhile
 (`foreign_cpu_seconds`), and `speedup_quiet_pairs` is the median over the pairs where that stayed under
 a tenth of a core on both sides (two workers need both cores; another job on one of them halves them).
@@ -103,11 +104,11 @@ def main() -> None:
     from minibt.pipeline import open_engine
     from minibt.recipe import load_recipe
     from minibt.roles import MYX
+    from minibt.ray_pool import RayWorkers
     from minibt.rundir import RunDir
     from minibt.stages.augment import augment_shard
     from minibt.stages.shards import map_shards
-    from minibt.ray_pool import RayWorkers
-from minibt.workers import InProcess, Work
+    from minibt.workers import InProcess, Work
 
     run = RunDir(args.run)
     recipe = load_recipe(args.run / "recipe.yaml")
@@ -150,7 +151,7 @@ from minibt.workers import InProcess, Work
     n = len(texts)
     one_rate, two_rate = n / statistics.median(one_s), n / statistics.median(two_s)
     result = {
-        "what": "self-augmentation of the same texts with myx: 2 Ray workers vs 1 (in-process), interleaved pairs",
+        "what": "self-augmentation of the same texts with myx: 2 workers (this process and a Ray actor) vs 1 (in-process), interleaved pairs",
         "run": str(args.run),
         "texts": n,
         "shard_size": recipe.augment.shard_size,
