@@ -268,8 +268,9 @@ class InferenceSection:
     # How and where the inference stages (augment, curate, rewrite, evaluation; minibt generate, chat
     # and eval) run, never which method they run (rundir ignores these keys when resuming).
     # workers > 1: their shards spread over that many workers (minibt/ray_pool.py: on CPUs this process
-    # and workers - 1 Ray actors, each loading the base once); 1: in this process, Ray not imported. ray_address: a running cluster ("auto",
-    # "HOST:PORT", "ray://HOST:PORT"); without it a local Ray starts for the run and stops after it.
+    # and workers - 1 Ray actors, each loading the base once); 1: in this process, Ray not imported.
+    # ray_address: a running cluster ("auto", "HOST:PORT", "ray://HOST:PORT"); without it a local Ray
+    # starts for the run and stops after it.
     workers: int = 1
     ray_address: Optional[str] = None
     # engine: hf (the training base and minibt's decode loop), vllm (minibt/engine/vllm.py: a vLLM

@@ -48,13 +48,13 @@ def evaluate_toy(rd: RunDir, engine: Engine, recipe: Recipe, workers: Workers | 
     seed_attributes = {r["attribute"] for r in backward_eval} - {q["attribute"] for q in questions}
     rounds = recipe.forward.rounds
     last = f"m{rounds}"
-    adapters = ["base", "m0", *(f"m{k}" for k in range(1, rounds + 1)), "m1_uncurated"]
+    adapters = [BASE, "m0", *(f"m{k}" for k in range(1, rounds + 1)), "m1_uncurated"]
 
     asks = {MYX: ([backward_prompt(engine, r["text"], 64) for r in backward_eval], 64)}
     asks.update({a: ([forward_prompt(engine, recipe, q["instruction"]) for q in questions], ANSWER_TOKENS) for a in adapters})
     if recipe.forward.tags:  # the paper's tags: the last model prompted with the augmented-data tag instead of the seed tag
         asks["tagged"] = ([forward_prompt(engine, recipe, q["instruction"], augmented=True) for q in questions], ANSWER_TOKENS)
-    said = _generate(rd, engine, recipe, asks, workers or InProcess(engine), last)
+    said = _generate(rd, recipe, asks, workers or InProcess(engine), last)
 
     written = said[MYX]
     seen = [i for i, r in enumerate(backward_eval) if r["attribute"] in seed_attributes]
@@ -94,16 +94,13 @@ def evaluate_toy(rd: RunDir, engine: Engine, recipe: Recipe, workers: Workers | 
     return out
 
 
-def _generate(rd: RunDir, engine: Engine, recipe: Recipe, asks: dict[str, tuple[list[str], int]], workers: Workers,
+def _generate(rd: RunDir, recipe: Recipe, asks: dict[str, tuple[list[str], int]], workers: Workers,
               last: str) -> dict[str, list[str]]:
     """{name: its completions} for asks {name: (prompts, max_new_tokens)}, each name's prompts one task;
-    "tagged" is the last model's, the others name their adapter."""
+    "tagged" is the last model's, the others name their adapter (loaded where the task runs)."""
     names = list(asks)
     used = {n: last if n == "tagged" else n for n in names}
     work = Work("evaluate", generate_task, recipe, adapters={a: str(rd.adapter(a)) for a in set(used.values()) - {BASE}})
-    for a in work.adapters:  # the run's own engine computes some of them (workers=1: all)
-        if a not in engine.adapters:
-            engine.load_adapter(a, rd.adapter(a))
     jobs = [(k, [{"adapter": used[n], "max_new_tokens": asks[n][1], "prompt": p} for p in asks[n][0]]) for k, n in enumerate(names)]
     with tqdm(total=sum(len(rows) for _, rows in jobs), desc="evaluate", unit="row", dynamic_ncols=True) as bar:
         done = dict(workers.runner(work).compute(jobs, bar))

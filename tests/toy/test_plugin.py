@@ -27,7 +27,7 @@ def test_the_evaluate_stage_merges_its_metrics_and_keeps_the_other_parts(tmp_pat
     rd.manifest = {"stages": {}}
     pairwise = {"m1_vs_m0": {"a": "m1", "b": "m0", "win_rate": 0.6}}
     io.write_json(tmp_path / "metrics.json", {"pairwise": pairwise, "backward_accuracy": 1.0})  # `minibt eval`'s, and an old one
-    monkeypatch.setattr(WORLD, "evaluate", lambda run, engine, recipe: {"backward_accuracy": 50.0, "claims": []})
+    monkeypatch.setattr(WORLD, "evaluate", lambda run, engine, recipe, workers: {"backward_accuracy": 50.0, "claims": []})
     (evaluate,) = [s for s in WORLD.stages(recipe) if s.name == "evaluate"]
     assert run_stage(Context(rd, recipe, lambda: SimpleNamespace(name="hf")), evaluate)  # the engine: not used
     assert json.loads((tmp_path / "metrics.json").read_text()) == {"pairwise": pairwise, "backward_accuracy": 50.0, "claims": []}
