@@ -134,7 +134,7 @@ class RayWorkers(Workers):
         """On GPUs the workers let go of theirs (one may share the driver's): the next stage starts new
         ones. On CPUs they stay, warm, in their own processes."""
         if self.gpus:
-            self._wait_up()
+            self.ready.wait()  # actors still starting are stopped too; a failed start is compute()'s to raise
             self._stop_actors()
 
     def _stop_actors(self) -> None:

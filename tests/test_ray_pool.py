@@ -1,7 +1,8 @@
 """minibt/ray_pool.py on a local Ray cluster of 2 CPUs, with a stand-in engine (no model): shards spread
-over both workers (this process and one Ray actor), results equal the in-process ones, a worker killed mid-shard is
-replaced and its shard retried, an error of the work itself is the run's error, adapters reach the
-workers as files. The toy run on workers: tests/toy/test_toy_workers.py."""
+over both workers (this process and one Ray actor), results equal the in-process ones, a worker
+killed mid-shard is replaced and its shard retried (never in this process), an error of the work
+itself is the run's error, adapters reach the workers as files. The toy run on workers:
+tests/toy/test_toy_workers.py."""
 
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
-"""The reduced toy run through the real CLI with `inference.workers=2` (a local Ray cluster of 2
-one-thread workers, started and stopped by the run): its augmented instructions, scores, curated set
+"""The reduced toy run through the real CLI with `inference.workers=2` (the run's process and a Ray
+actor of a local cluster, one thread each, started and stopped by the run): its augmented instructions, scores, curated set
 and everything after them equal the one-worker run's, byte for byte, while a worker is SIGKILLed in the
 middle of an augment shard and another in the middle of a curation shard (ray_pool.KILL_ENV); each
-killed shard is retried on a new worker and counted. The pool alone: tests/test_ray_pool.py."""
+killed shard is retried and counted. The pool alone: tests/test_ray_pool.py."""
 
 from __future__ import annotations
 
@@ -28,7 +28,8 @@ def digests(run) -> dict[str, str]:
 
 def test_two_workers_with_a_worker_killed_in_each_stage_give_the_one_worker_run(toy_cache, tmp_path, monkeypatch):
     run_toy(tmp_path, "one", small_recipe(**SHARDS))
-    monkeypatch.setenv(KILL_ENV, "augment:0,curate_r1:0")  # read by the workers the run starts
+    # read by the Ray actor the run starts; shard 0 is the first a stage hands out, always to that actor
+    monkeypatch.setenv(KILL_ENV, "augment:0,curate_r1:0")
     run_toy(tmp_path, "two", {**small_recipe(**SHARDS), "inference": {"workers": 2}})
 
     one, two = tmp_path / "one", tmp_path / "two"
