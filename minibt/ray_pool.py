@@ -177,20 +177,20 @@ class RayWorkers(Workers):
             self._start_actors()
         files = self._ship(tasks[0].work)
         queue = collections.deque(tasks)
-        here = len(self.actors)  # the slot of this process's worker (when self.here): after the actors'
+        own = len(self.actors)  # the slot of this process's worker (when self.here): after the actors'
         running: dict[Future, tuple[int, Task]] = {}  # a shard's result -> (worker slot, task)
         sizes = {t.shard: len(t.rows) for t in tasks}
         done_here = _Count()  # rows of this process's shard in flight
         finished = bar.n
         while queue or running:
             busy = {slot for slot, _ in running.values()}
-            for slot in [s for s in range(here + self.here) if s not in busy]:
+            for slot in [s for s in range(own + self.here) if s not in busy]:
                 # a shard that killed a worker is retried on a worker, never here: it could kill the run
-                task = next((t for t in queue if slot < here or t.attempt == 0), None)
+                task = next((t for t in queue if slot < own or t.attempt == 0), None)
                 if task is None:
                     continue
                 queue.remove(task)
-                if slot < here:
+                if slot < own:
                     running[self.actors[slot].run.remote(task, files, self.progress).future()] = (slot, task)
                 else:
                     done_here.n = 0
@@ -214,10 +214,10 @@ class RayWorkers(Workers):
                     continue
                 finished += sizes[task.shard]
                 yield task.shard, rows
-            remote = [t for slot, t in running.values() if slot < here]
+            remote = [t for slot, t in running.values() if slot < own]
             done_now = ray.get(self.progress.rows.remote([(t.work.kind, t.shard, t.attempt) for t in remote])) if remote else []
             in_flight = sum(min(n, sizes[t.shard]) for n, t in zip(done_now, remote))
-            if any(slot == here for slot, _ in running.values()):
+            if any(slot == own for slot, _ in running.values()):
                 in_flight += done_here.n
             bar.update(max(0, finished + in_flight - bar.n))
 

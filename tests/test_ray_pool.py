@@ -6,6 +6,7 @@ tests/toy/test_toy_workers.py."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -100,8 +101,19 @@ def sharded(path, workers, fn, adapter):
     return map_shards(run_dir(path), "augmented", ROWS, 3, runner, desc="test"), workers.counts("augment")
 
 
-def workers_recipe():
-    return from_dict({"toy": {}, "inference": {"workers": 2}})
+def workers_recipe(workers=2):
+    return from_dict({"toy": {}, "inference": {"workers": workers}})
+
+
+@contextlib.contextmanager
+def started(workers=2):
+    """A pool of `workers` on the test cluster, started, and closed afterwards."""
+    pool = RayWorkers(workers_recipe(workers), StubEngine(), "base", stub_factory)
+    pool.start()
+    try:
+        yield pool
+    finally:
+        pool.close()
 
 
 def without_pids(rows):
@@ -110,12 +122,8 @@ def without_pids(rows):
 
 def test_two_workers_give_the_in_process_result(cluster, tmp_path, adapter):
     local, local_counts = sharded(tmp_path / "one", InProcess(StubEngine()), label, adapter)
-    pool = RayWorkers(workers_recipe(), StubEngine(), "base", stub_factory)
-    pool.start()
-    try:
+    with started() as pool:
         spread, counts = sharded(tmp_path / "two", pool, label, adapter)
-    finally:
-        pool.close()
     assert without_pids(spread) == without_pids(local), "same rows, same order, whichever worker ran a shard"
     assert spread[0]["by"] == '{"r": 4}', "the adapter reached the worker as files"
     pids = {r["pid"] for r in spread}
@@ -156,14 +164,10 @@ def slow_halves(engine, task, progress):
 def test_one_bar_over_both_workers_counts_each_row_once_stage_after_stage(cluster, tmp_path, adapter, monkeypatch):
     monkeypatch.setattr("minibt.stages.shards.tqdm", RecordingBar)
     bars.clear()
-    pool = RayWorkers(workers_recipe(), StubEngine(), "base", stub_factory)
-    pool.start()
-    try:
+    with started() as pool:
         for kind in ("augment", "curate_r1"):  # the same shard indices again, in another stage
             work = Work(kind, slow_halves, workers_recipe(), adapters={"myx": adapter})
             map_shards(run_dir(tmp_path / kind), kind, ROWS, 3, pool.runner(work), desc=kind)
-    finally:
-        pool.close()
     for bar in bars:
         assert bar.seen[-1] == len(ROWS) and max(bar.seen) <= len(ROWS), bar.seen
         assert any(n % 3 for n in bar.seen), f"rows of shards in flight were shown, not only whole shards: {bar.seen}"
@@ -171,12 +175,8 @@ def test_one_bar_over_both_workers_counts_each_row_once_stage_after_stage(cluste
 
 def test_a_worker_killed_mid_shard_is_replaced_and_its_shard_retried(cluster, tmp_path, adapter):
     want, _ = sharded(tmp_path / "one", InProcess(StubEngine()), label, adapter)
-    pool = RayWorkers(workers_recipe(), StubEngine(), "base", stub_factory)
-    pool.start()
-    try:
+    with started() as pool:
         got, counts = sharded(tmp_path / "two", pool, die_mid_shard, adapter)
-    finally:
-        pool.close()
     assert without_pids(got) == without_pids(want), "nothing lost"
     assert counts["retried_shards"] == 1
     files = RunDir(tmp_path / "two").manifest["files"]
@@ -184,29 +184,21 @@ def test_a_worker_killed_mid_shard_is_replaced_and_its_shard_retried(cluster, tm
 
 
 def test_a_shard_that_kills_every_worker_stops_the_run_after_three_attempts(cluster, tmp_path, adapter):
-    pool = RayWorkers(workers_recipe(), StubEngine(), "base", stub_factory)
-    pool.start()
-    try:
+    with started() as pool:
         with pytest.raises(MinibtError, match=r"^augment: shard 0 killed its worker 3 times"):
             sharded(tmp_path, pool, die_every_time, adapter)
-    finally:
-        pool.close()
     assert pool.retried["augment"] == 2
     shards = sorted(p.name for p in (tmp_path / "data" / "augmented.shards").iterdir())
     assert "00000.jsonl" not in shards and "00001.jsonl" in shards, "the other shards are kept for the rerun"
 
 
 def test_an_error_of_the_work_itself_is_the_runs_error_not_retried(cluster, tmp_path, adapter):
-    pool = RayWorkers(workers_recipe(), StubEngine(), "base", stub_factory)
-    pool.start()
-    try:
+    with started() as pool:
         with pytest.raises(MinibtError, match=r"^shard \d: row 2 has no text$"):
             sharded(tmp_path, pool, bad_input, adapter)
-    finally:
-        pool.close()
 
 
 def test_more_workers_than_the_cluster_has_cpus_is_one_line(cluster):
-    pool = RayWorkers(from_dict({"toy": {}, "inference": {"workers": 4}}), StubEngine(), "base", stub_factory)
+    pool = RayWorkers(workers_recipe(4), StubEngine(), "base", stub_factory)
     with pytest.raises(MinibtError, match=r"^inference.workers: 4 workers \(this process and 3 Ray workers\) need 3 CPUs, the Ray cluster has 2$"):
         pool.start()

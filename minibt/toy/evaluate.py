@@ -50,11 +50,12 @@ def evaluate_toy(rd: RunDir, engine: Engine, recipe: Recipe, workers: Workers | 
     last = f"m{rounds}"
     adapters = [BASE, "m0", *(f"m{k}" for k in range(1, rounds + 1)), "m1_uncurated"]
 
-    asks = {MYX: ([backward_prompt(engine, r["text"], 64) for r in backward_eval], 64)}
-    asks.update({a: ([forward_prompt(engine, recipe, q["instruction"]) for q in questions], ANSWER_TOKENS) for a in adapters})
+    asked = [forward_prompt(engine, recipe, q["instruction"]) for q in questions]
+    asks = {MYX: (MYX, [backward_prompt(engine, r["text"], 64) for r in backward_eval], 64),
+            **{a: (a, asked, ANSWER_TOKENS) for a in adapters}}
     if recipe.forward.tags:  # the paper's tags: the last model prompted with the augmented-data tag instead of the seed tag
-        asks["tagged"] = ([forward_prompt(engine, recipe, q["instruction"], augmented=True) for q in questions], ANSWER_TOKENS)
-    said = _generate(rd, recipe, asks, workers or InProcess(engine), last)
+        asks["tagged"] = (last, [forward_prompt(engine, recipe, q["instruction"], augmented=True) for q in questions], ANSWER_TOKENS)
+    said = _generate(rd, recipe, asks, workers or InProcess(engine))
 
     written = said[MYX]
     seen = [i for i, r in enumerate(backward_eval) if r["attribute"] in seed_attributes]
@@ -94,14 +95,12 @@ def evaluate_toy(rd: RunDir, engine: Engine, recipe: Recipe, workers: Workers | 
     return out
 
 
-def _generate(rd: RunDir, recipe: Recipe, asks: dict[str, tuple[list[str], int]], workers: Workers,
-              last: str) -> dict[str, list[str]]:
-    """{name: its completions} for asks {name: (prompts, max_new_tokens)}, each name's prompts one task;
-    "tagged" is the last model's, the others name their adapter (loaded where the task runs)."""
+def _generate(rd: RunDir, recipe: Recipe, asks: dict[str, tuple[str, list[str], int]], workers: Workers) -> dict[str, list[str]]:
+    """{name: its completions} for asks {name: (adapter, prompts, max_new_tokens)}, each one task; the
+    adapters load where the tasks run."""
     names = list(asks)
-    used = {n: last if n == "tagged" else n for n in names}
-    work = Work("evaluate", generate_task, recipe, adapters={a: str(rd.adapter(a)) for a in set(used.values()) - {BASE}})
-    jobs = [(k, [{"adapter": used[n], "max_new_tokens": asks[n][1], "prompt": p} for p in asks[n][0]]) for k, n in enumerate(names)]
+    work = Work("evaluate", generate_task, recipe, adapters={a: str(rd.adapter(a)) for a, _, _ in asks.values() if a != BASE})
+    jobs = [(k, [{"adapter": asks[n][0], "max_new_tokens": asks[n][2], "prompt": p} for p in asks[n][1]]) for k, n in enumerate(names)]
     with tqdm(total=sum(len(rows) for _, rows in jobs), desc="evaluate", unit="row", dynamic_ncols=True) as bar:
         done = dict(workers.runner(work).compute(jobs, bar))
     return {n: [r["text"] for r in done[k]] for k, n in enumerate(names)}
