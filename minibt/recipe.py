@@ -20,6 +20,7 @@ import yaml
 
 from minibt import worlds
 from minibt.checks import looks_local, unused
+from minibt.gguf import is_gguf, read_metadata
 from minibt.errors import RecipeError
 from minibt.sections import (  # noqa: F401 - re-exported: `from minibt.recipe import ModelSection` is the public name
     AugmentSection,
@@ -108,7 +109,9 @@ def from_dict(raw: dict[str, Any], base_dir: Path | None = None) -> Recipe:
         for key in ("calibrate", "teach"):
             if getattr(recipe.curate, key) and not recipe.curate.ratings:
                 raise RecipeError(f"curate.{key}: needs curate.ratings (a JSONL of pairs rated 1-5)")
-        if looks_local(recipe.model.name) and not Path(recipe.model.name).expanduser().exists():
+        if is_gguf(recipe.model.name):
+            read_metadata(recipe.model.name)  # missing, damaged or unreadable: one line now, not after loading
+        elif looks_local(recipe.model.name) and not Path(recipe.model.name).expanduser().exists():
             raise RecipeError(f"model.name: local folder {recipe.model.name} not found")
     else:  # the world's own section, typed and checked like the others
         recipe.world = _build(world.config, world_raw, world.section)

@@ -66,13 +66,41 @@ def bnb_config(dtype: torch.dtype) -> Any:
 
 def set_chat_template(tokenizer: Any, cfg: ModelSection) -> None:
     """The tokenizer's own chat template, or minibt's (`model.chat_template: minibt`, or it has none);
-    an EOS token is required (generations must stop), and it pads with EOS when it has no pad token."""
+    EOS becomes the token the template ends an assistant turn with (`end_of_turn`), so generation stops
+    there and training ends each output with it; it pads with EOS when it has no pad token."""
     if cfg.chat_template == "minibt" or not getattr(tokenizer, "chat_template", None):
         tokenizer.chat_template = CHAT_TEMPLATE
+    turn_end = end_of_turn(tokenizer)
+    if turn_end is not None and turn_end != tokenizer.eos_token:
+        log.info("EOS set to %s, the chat template's end of turn (the tokenizer said %s)", turn_end, tokenizer.eos_token)
+        tokenizer.eos_token = turn_end
     if tokenizer.eos_token is None:
         raise MinibtError(f"model.name: the tokenizer of {cfg.name} has no EOS token, so generations cannot stop")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+
+
+_MARK = "minibt-turn-content"
+
+
+def end_of_turn(tokenizer: Any) -> str | None:
+    """The special token the chat template writes right after an assistant's words, or None.
+
+    Families differ: a tokenizer's EOS is often not what an instruct template ends turns with (Llama 3's
+    <|end_of_text|> vs <|eot_id|>, ChatML's <|im_end|>; a GGUF conversion can even name <|im_start|>).
+    A template that ends turns in plain text (no special token) keeps the tokenizer's EOS.
+    """
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": _MARK}]
+    try:
+        rendered = tokenizer.apply_chat_template(messages, tokenize=False)
+    except Exception:  # a template that refuses this shape (e.g. requires a system turn) tells nothing
+        return None
+    after = rendered.split(_MARK, 1)[1] if _MARK in rendered else ""
+    ids = tokenizer(after, add_special_tokens=False)["input_ids"]
+    if not ids:
+        return None
+    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    return tokenizer.convert_ids_to_tokens(ids[0]) if ids[0] in special else None
 
 
 def guard_bnb_cpu(model: Any) -> int:

@@ -138,3 +138,37 @@ def test_minibt_run_stops_before_loading_anything(tmp_path):
     result = CliRunner().invoke(main, ["run", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "out")])
     assert result.exit_code == 2 and "error: model.device: torch" in result.output and "set model.device=cpu" in result.output
     assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture(scope="module")
+def chatml_tokenizer(tmp_path_factory):
+    """A ChatML tokenizer as transformers' GGUF conversion leaves it: eos <|im_start|>, turns end with <|im_end|>."""
+    from transformers import AutoTokenizer
+
+    from minibt.gguf import converted_folder
+    from tiny_gguf import write_tiny_gguf
+
+    root = tmp_path_factory.mktemp("chatml")
+    write_tiny_gguf(root / "tiny.gguf")
+    return lambda: AutoTokenizer.from_pretrained(converted_folder(root / "tiny.gguf", cache=root))
+
+
+def test_eos_becomes_the_templates_end_of_turn(chatml_tokenizer):
+    tokenizer = chatml_tokenizer()
+    tokenizer.eos_token = "<|im_start|>"
+    load.set_chat_template(tokenizer, ModelSection(name="x"))
+    assert tokenizer.eos_token == "<|im_end|>"
+    # training appends EOS to each output (trl): it is the token generation stops on
+    turn = tokenizer.apply_chat_template([{"role": "user", "content": "q"}, {"role": "assistant", "content": "ANSWER"}], tokenize=False)
+    assert turn.split("ANSWER", 1)[1].startswith(tokenizer.eos_token)
+
+
+def test_minibt_template_and_plain_text_turn_ends_keep_the_tokenizers_eos(chatml_tokenizer):
+    tokenizer = chatml_tokenizer()
+    tokenizer.eos_token = "<|endoftext|>"
+    load.set_chat_template(tokenizer, ModelSection(name="x", chat_template="minibt"))  # its turns end with eos_token
+    assert tokenizer.eos_token == "<|endoftext|>"
+    tokenizer.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n\n{% endfor %}"
+    assert load.end_of_turn(tokenizer) is None
+    load.set_chat_template(tokenizer, ModelSection(name="x"))
+    assert tokenizer.eos_token == "<|endoftext|>"
