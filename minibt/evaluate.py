@@ -7,33 +7,29 @@ pairwise   two adapters (default m1 vs m0) answer held-out instructions; a judge
            win when both orders prefer the model, a tie when they disagree (counted as half). The win
            rate comes with a 95 % Wilson interval.
 ifeval     IFEval's strict/loose instruction-following accuracy through lm-evaluation-harness (the
-           optional extra `minibt[eval]`), on the base with one adapter (lm_eval's HF model, peft=).
+           optional extra `minibt[eval]`), on the base with one adapter, offline (minibt/ifeval.py).
 toy        the run's world's own metrics (the toy world's ground truth), recomputed (minibt/worlds.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import logging
 import math
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
 from minibt import io, prompts
-from minibt.engine import BASE, BaseOnly, Engine, HFInference, Inference, compute_dtype, has_gpu, load_base
+from minibt.engine import BASE, BaseOnly, Engine, HFInference, Inference, load_base
 from minibt.errors import MinibtError
+from minibt.ifeval import ifeval, require_ifeval
 from minibt.rundir import RunDir
 from minibt.worlds import world_of
 
 log = logging.getLogger("minibt.eval")
-
-INSTALL_EVAL = 'pip install "minibt[eval]"   (or: pip install "lm_eval[ifeval]")'
-
 
 # --- statistics ------------------------------------------------------------------------------
 
@@ -180,117 +176,6 @@ def pairwise(engine: Engine, recipe: Any, instructions: Sequence[str], a: str, b
     return summary, rows
 
 
-# --- IFEval through lm-evaluation-harness ----------------------------------------------------------
-
-_IFEVAL_LOCAL_TASK = """task: minibt_ifeval
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    train: {data}
-test_split: train
-output_type: generate_until
-num_fewshot: 0
-doc_to_text: prompt
-doc_to_target: 0
-generation_kwargs:
-  until: []
-  do_sample: false
-  temperature: 0.0
-  max_gen_toks: 1280
-process_results: !function utils.process_results
-metric_list:
-  - metric: prompt_level_strict_acc
-    aggregation: mean
-    higher_is_better: true
-  - metric: inst_level_strict_acc
-    aggregation: !function utils.agg_inst_level_acc
-    higher_is_better: true
-  - metric: prompt_level_loose_acc
-    aggregation: mean
-    higher_is_better: true
-  - metric: inst_level_loose_acc
-    aggregation: !function utils.agg_inst_level_acc
-    higher_is_better: true
-metadata:
-  version: 4.0
-"""
-
-IFEVAL_METRICS = ("prompt_level_strict_acc", "inst_level_strict_acc", "prompt_level_loose_acc", "inst_level_loose_acc")
-
-
-def require_lm_eval() -> None:
-    if importlib.util.find_spec("lm_eval") is None:
-        raise MinibtError(f"IFEval runs through lm-evaluation-harness, which is not installed: {INSTALL_EVAL}")
-
-
-def ifeval(run: RunDir, adapter: str = "m1", data: str | Path | None = None, limit: int | None = None,
-           max_gen_toks: int = 1280, batch_size: int = 8) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """IFEval (google/IFEval from the hub, or a local JSONL in IFEval's format) on the base + `adapter`.
-
-    lm_eval's HF model loads the base unquantized (bf16/fp16 on a GPU, fp32 on a CPU) with the PEFT
-    adapter applied (`peft=`), and the run's tokenizer with its chat template; prompts get the seed tag
-    as system prompt, as the run's forward models were trained.
-    """
-    require_lm_eval()
-    from lm_eval import __version__ as lm_eval_version
-    from lm_eval import simple_evaluate
-    from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
-
-    from minibt.base_model import model_of
-    from minibt.engine import load_tokenizer
-
-    recipe = run.recipe()
-    base = model_of(recipe, run.manifest.get("base_model")).name
-    peft_dir = None
-    if adapter != BASE:
-        peft_dir = run.adapter(adapter)
-        if not (peft_dir / "adapter_config.json").is_file():
-            raise MinibtError(f"adapter {adapter!r} does not exist in {run.path} (have: {', '.join(run.adapter_names()) or 'none'})")
-    common = dict(revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code)
-    tokenizer = load_tokenizer(recipe.model, peft_dir or base)
-    dtype = compute_dtype(recipe.model.dtype)
-    lm = HFLM(pretrained=base, peft=str(peft_dir) if peft_dir else None, tokenizer=tokenizer,
-              device="cuda" if has_gpu() else "cpu", dtype=dtype, batch_size=batch_size, **common)
-    system = recipe.forward.seed_tag if recipe.forward.tags else None
-    with tempfile.TemporaryDirectory(prefix="minibt-ifeval-") as tmp:
-        if data is not None:
-            data = Path(data).resolve()
-            if not data.is_file():
-                raise MinibtError(f"--ifeval-data {data}: file not found")
-            (Path(tmp) / "utils.py").write_text("from lm_eval.tasks.ifeval.utils import process_results, agg_inst_level_acc  # noqa\n")
-            (Path(tmp) / "minibt_ifeval.yaml").write_text(_IFEVAL_LOCAL_TASK.format(data=json.dumps(str(data))))
-            manager, task = TaskManager(include_path=tmp, include_defaults=False), "minibt_ifeval"
-        else:
-            manager, task = TaskManager(), "ifeval"  # google/IFEval from the hub
-        results = simple_evaluate(model=lm, tasks=[task], task_manager=manager, limit=limit, apply_chat_template=True,
-                                  system_instruction=system, gen_kwargs={"max_gen_toks": max_gen_toks},
-                                  log_samples=True, bootstrap_iters=0)
-    got = results["results"][task]
-    summary: dict[str, Any] = {m: round(float(got[f"{m},none"]), 4) for m in IFEVAL_METRICS}
-    samples = results.get("samples", {}).get(task, [])
-    summary.update(adapter=adapter, base=base, n=int(got.get("sample_len", len(samples))),
-                   data=str(data) if data is not None else "google/IFEval", max_gen_toks=max_gen_toks,
-                   runner=f"lm_eval {lm_eval_version}, HFLM{' peft=adapter' if peft_dir else ''}, chat template")
-    rows = [{"key": s["doc"].get("key"), "prompt": s["doc"].get("prompt"), "rendered": _first_argument(s),
-             "response": (s.get("filtered_resps") or [""])[0],
-             "instruction_id_list": s["doc"].get("instruction_id_list"),
-             "prompt_level_strict_acc": s.get("prompt_level_strict_acc"),
-             "inst_level_strict_acc": s.get("inst_level_strict_acc")} for s in samples]
-    return summary, rows
-
-
-def _first_argument(sample: dict[str, Any]) -> str | None:
-    """The prompt text lm_eval sent to the model (its sample layout differs between versions)."""
-    args = sample.get("arguments")
-    try:
-        if isinstance(args, dict):
-            return next(iter(args.values()))["arg_0"]
-        return args[0][0]
-    except (TypeError, KeyError, IndexError, StopIteration):
-        return None
-
-
 # --- the command ---------------------------------------------------------------------------------
 
 
@@ -306,7 +191,7 @@ def run_eval(run_dir: str | Path, compare: tuple[str, str] | None = ("m1", "m0")
     if judge and judge_model:
         raise MinibtError("give --judge ADAPTER or --judge-model PATH, not both")
     if ifeval_adapters:
-        require_lm_eval()  # say so before anything loads
+        require_ifeval(ifeval_data)  # say what is missing before anything loads
     world = world_of(run.recipe()) if toy else None
     if toy and world is None:
         raise MinibtError("--toy: this run was not made by a toy-world recipe")

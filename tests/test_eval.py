@@ -1,18 +1,15 @@
-"""`minibt eval`: pairwise win rate (both orders, a CI), IFEval through lm-evaluation-harness, metrics merge."""
+"""`minibt eval`: pairwise win rate (both orders, a CI), metrics merge (IFEval: tests/test_ifeval.py)."""
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
-import pytest
 from click.testing import CliRunner
 
 import minibt.evaluate as ev
 from minibt import io
 from minibt.cli import main
 
-FIXTURE = Path(__file__).parent / "fixtures" / "ifeval_tiny.jsonl"
 QUESTIONS = ["What is the color of the king?", "What is the color of the river?", "Tell me about the city.", "Who is the queen?"]
 
 
@@ -92,41 +89,3 @@ def test_eval_errors_are_one_line(finished_run, tmp_path):
     assert result.exit_code == 2 and "needs a non-empty string field 'instruction'" in result.output
     result = runner.invoke(main, ["eval", str(run), "--judge", "m0", "--judge-model", "x"])
     assert result.exit_code == 2 and "not both" in result.output
-
-
-def test_without_lm_eval_the_command_says_how_to_install_it(finished_run, monkeypatch):
-    _, run, _ = finished_run
-    real = ev.importlib.util.find_spec
-    monkeypatch.setattr(ev.importlib.util, "find_spec", lambda name, *a: None if name == "lm_eval" else real(name, *a))
-    result = CliRunner().invoke(main, ["eval", str(run), "--no-pairwise", "--ifeval", "m1"])
-    assert result.exit_code == 2 and 'pip install "minibt[eval]"' in result.output
-
-
-def test_ifeval_through_lm_eval_on_an_adapter(finished_run, monkeypatch):
-    pytest.importorskip("lm_eval")
-    import lm_eval.models.huggingface as hf
-    from peft import PeftModel
-
-    _, run, _ = finished_run
-    loaded = []
-
-    class Spy(hf.HFLM):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            loaded.append((kwargs.get("peft"), type(self._model)))
-
-    monkeypatch.setattr(hf, "HFLM", Spy)
-    result = CliRunner().invoke(main, ["eval", str(run), "--no-pairwise", "--ifeval", "m1", "--ifeval-data", str(FIXTURE),
-                                       "--ifeval-max-tokens", "8"])
-    assert result.exit_code == 0, result.output + repr(result.exception)
-    assert loaded == [(str(run / "adapters" / "m1"), loaded[0][1])] and issubclass(loaded[0][1], PeftModel)
-    r = json.loads((run / "metrics.json").read_text())["ifeval"]["m1"]
-    assert r["n"] == 6 and r["data"] == str(FIXTURE.resolve())
-    for metric in ev.IFEVAL_METRICS:
-        assert 0 <= r[metric] <= 1
-    rows = io.read_jsonl(run / "eval" / "ifeval_m1.jsonl")
-    assert len(rows) == 6 and all(isinstance(x["response"], str) for x in rows)
-    # the prompts went through the run's chat template with the seed tag as system prompt
-    assert rows[0]["rendered"].startswith("### System:\nAnswer in the style of an AI Assistant.\n\n### User:\nTell me about the king")
-    assert "ifeval m1 (6 prompts)" in result.output
-    assert "IFEval (lm_eval" in (run / "report.md").read_text()
