@@ -1,10 +1,12 @@
 """`minibt export`: an adapter of a run as a plain transformers model folder (or its PEFT folder), and
 optionally on the Hugging Face Hub.
 
-The merge happens on a 16-bit copy of the base, never on the 4-bit one the run trained against:
-the base is loaded unquantized (bf16 by default), the PEFT adapter applied, `merge_and_unload`,
-and `save_pretrained(safe_serialization=True)` with the tokenizer and its chat template. The folder
-loads with `AutoModelForCausalLM.from_pretrained` / `AutoTokenizer.from_pretrained`, no minibt.
+The merge happens on the weights the adapter trained against: a run with an NF4 base merges into that
+base dequantized (engine/dequantize.py), not into the original 16-bit weights, which answer differently
+with the same adapter. The base is loaded in fp32, the PEFT adapter applied, `merge_and_unload`, then
+cast to --dtype (bf16 by default) and saved (`save_pretrained(safe_serialization=True)`) with the
+tokenizer and its chat template. The folder loads with `AutoModelForCausalLM.from_pretrained` /
+`AutoTokenizer.from_pretrained`, no minibt. The run's recipe and manifest keep naming the original base.
 """
 
 from __future__ import annotations
@@ -26,7 +28,11 @@ DTYPES = ("bfloat16", "float16", "float32")
 
 def _card(run: RunDir, adapter: str, base: str, merged: bool, dtype: str) -> str:
     recipe = run.recipe()
-    what = f"the minibt adapter `{adapter}` merged into `{base}` ({dtype})" if merged else f"the PEFT LoRA adapter `{adapter}` for `{base}`"
+    nf4 = recipe.model.quantization == "nf4"
+    into = (f"`{base}` as the run trained against it: its bitsandbytes NF4 4-bit weights (double quantization), "
+            f"dequantized" if nf4 else f"`{base}`")
+    what = (f"the minibt adapter `{adapter}` merged into {into} ({dtype})" if merged else
+            f"the PEFT LoRA adapter `{adapter}` for `{base}`" + (" loaded in 4-bit NF4 (bitsandbytes), as it was trained" if nf4 else ""))
     tag = recipe.forward.seed_tag if recipe.forward.tags else None
     usage = (f'Use the system prompt "{tag}" (the seed tag the model was trained with) and the tokenizer\'s chat template.'
              if tag else "Use the tokenizer's chat template.")
@@ -87,13 +93,18 @@ def _merge(run: RunDir, adapter_dir: Path, base: str, dtype: str, dest: Path) ->
     from peft import PeftModel
 
     from minibt.engine import load_tokenizer, load_weights
+    from minibt.engine.dequantize import dequantized_base
 
     recipe = run.recipe()
-    log.info("loading %s unquantized (%s) to merge %s", base, dtype, adapter_dir.name)
-    model = load_weights(dataclasses.replace(recipe.model, name=base), getattr(torch, dtype), device={"": "cpu"})
-    model = PeftModel.from_pretrained(model, str(adapter_dir), autocast_adapter_dtype=False)
+    model_cfg = dataclasses.replace(recipe.model, name=base)
+    weights = dequantized_base(model_cfg)  # the NF4 base as the adapter saw it (`base` itself when unquantized)
+    if weights != base:
+        model_cfg = dataclasses.replace(model_cfg, name=weights, revision=None)  # a local folder
+    log.info("merging %s into %s in float32, saved as %s", adapter_dir.name, weights, dtype)
+    model = load_weights(model_cfg, torch.float32, device={"": "cpu"})
+    model = PeftModel.from_pretrained(model, str(adapter_dir), autocast_adapter_dtype=True)  # LoRA in fp32 too
     model = model.merge_and_unload()
-    model = model.to(getattr(torch, dtype))  # LoRA weights (often bf16 or fp32) merged; one dtype throughout
+    model = model.to(getattr(torch, dtype))  # one dtype throughout
     tokenizer = load_tokenizer(recipe.model, adapter_dir)  # the run's tokenizer, with its chat template
     if model.generation_config is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id

@@ -36,25 +36,61 @@ def test_export_merges_into_a_plain_transformers_folder_that_generates(finished_
     assert "m1" in (out / "README.md").read_text()
 
 
-def test_the_merged_weights_are_base_plus_adapter(finished_run, tmp_path):
+@pytest.fixture(autouse=True)
+def cache(monkeypatch, tmp_path_factory):
+    """The dequantized base lands in this module's own cache, written by its first export."""
+    monkeypatch.setenv("MINIBT_CACHE", str(tmp_path_factory.getbasetemp() / "export-cache"))
+
+
+def test_the_merged_weights_are_the_nf4_base_plus_adapter(finished_run, tmp_path):
+    """The run trained m1 on its 4-bit base: the export is that base (dequantized) + m1, computing what the
+    run's engine computes with m1, not what the original 16-bit weights + m1 compute."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
+
+    from minibt.engine import load_base
+    from minibt.recipe import ModelSection
 
     _, run, _ = finished_run
     base_dir = json.loads((run / "manifest.json").read_text())["base_model"]
     out = tmp_path / "m1-fp32"
     _export(run, out, "--dtype", "float32")
+    assert "NF4" in (out / "README.md").read_text() and "dequantized" in (out / "README.md").read_text()
     merged = AutoModelForCausalLM.from_pretrained(out)
-    base = AutoModelForCausalLM.from_pretrained(base_dir)
+    nf4, _ = load_base(ModelSection(name=base_dir, quantization="nf4", max_length=1024))
     x = torch.tensor([[1, 5, 9, 20, 33]])
     with torch.no_grad():
-        base_logits = base(x).logits
-        peft_logits = PeftModel.from_pretrained(base, str(run / "adapters" / "m1")).eval()(x).logits
         merged_logits = merged(x).logits
-    assert torch.allclose(merged_logits, peft_logits, atol=1e-4)
-    key = "model.layers.0.self_attn.q_proj.weight"
-    assert not torch.equal(merged.state_dict()[key], AutoModelForCausalLM.from_pretrained(base_dir).state_dict()[key])
-    assert not torch.equal(base_logits, merged_logits)
+        nf4_logits = PeftModel.from_pretrained(nf4, str(run / "adapters" / "m1")).eval()(x).logits
+        original = AutoModelForCausalLM.from_pretrained(base_dir)
+        original_logits = original(x).logits
+        original_peft_logits = PeftModel.from_pretrained(original, str(run / "adapters" / "m1")).eval()(x).logits
+    assert torch.allclose(merged_logits, nf4_logits, atol=1e-5)
+    assert (merged_logits - original_peft_logits).abs().max() > 1e-2  # the original weights would answer otherwise
+    assert not torch.equal(original_logits, merged_logits)
+    assert json.loads((run / "manifest.json").read_text())["base_model"] == base_dir  # the run's base stays its own
+
+
+def test_the_export_answers_as_the_run_does(finished_run, tmp_path):
+    """Greedy answers of the merged fp32 folder (no minibt adapter, 16-bit engine) equal the run's m1 on its
+    4-bit base, prompt for prompt."""
+    from conftest import FINISHED_SEED
+
+    from minibt import open_run
+    from minibt.engine import Engine
+    from minibt.recipe import LoraSection, ModelSection
+
+    _, run, _ = finished_run
+    out = tmp_path / "m1-fp32"
+    _export(run, out, "--dtype", "float32")
+    session = open_run(run, adapters=["m1"])
+    things = ["king", "queen", "river", "city", "mountain", "sea", "sky", "tree"]
+    questions = [r["instruction"] for r in FINISHED_SEED[:4]] + [f"Tell me about the {t}." for t in things]
+    rendered = [session.prompt(q) for q in questions]
+    want = session.engine.generate("m1", rendered, max_new_tokens=12, batch_size=4)
+    merged = Engine.load(ModelSection(name=str(out), quantization="none", dtype="float32", max_length=1024), LoraSection(r=4), seed=0)
+    got = merged.generate("base", rendered, max_new_tokens=12, batch_size=4)
+    assert got == want
 
 
 def test_export_refuses_to_overwrite_and_names_unknown_adapters(finished_run, tmp_path):
