@@ -184,9 +184,10 @@ def ifeval(run: RunDir, adapter: str = "m1", data: str | Path | None = None, lim
            max_gen_toks: int = 1280, batch_size: int = 8) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """IFEval (google/IFEval from the hub, or a local JSONL in IFEval's format) on the base + `adapter`.
 
-    lm_eval's HF model loads the base unquantized (bf16/fp16 on a GPU, fp32 on a CPU) with the PEFT
-    adapter applied (`peft=`), and the run's tokenizer with its chat template; prompts get the seed tag
-    as system prompt, as the run's forward models were trained.
+    lm_eval's HF model loads the base in 16/32 bits (bf16/fp16 on a GPU, fp32 on a CPU): for an NF4 run,
+    its NF4 weights dequantized (what the adapters trained against), with the PEFT adapter applied
+    (`peft=`), and the run's tokenizer with its chat template; prompts get the seed tag as system
+    prompt, as the run's forward models were trained.
     """
     require_ifeval(data)
     from lm_eval import __version__ as lm_eval_version
@@ -196,9 +197,11 @@ def ifeval(run: RunDir, adapter: str = "m1", data: str | Path | None = None, lim
 
     from minibt.base_model import model_of
     from minibt.engine import load_tokenizer
+    from minibt.engine.dequantize import dequantized_base
 
     recipe = run.recipe()
-    base = model_of(recipe, run.manifest.get("base_model")).name
+    model_cfg = model_of(recipe, run.manifest.get("base_model"))
+    base = dequantized_base(model_cfg)  # lm_eval runs no bitsandbytes: the NF4 weights the adapters trained on
     peft_dir = None
     if adapter != BASE:
         peft_dir = run.adapter(adapter)
