@@ -19,7 +19,7 @@ from minibt.engine import BASE, Engine, import_backend
 from minibt.recipe import Recipe
 from minibt.rundir import RunDir
 from minibt.stack_guards import require_device
-from minibt.stages.augment import TRUNCATED, augment, usable
+from minibt.stages.augment import TRUNCATED, augment, unusable_counts
 from minibt.stages.backward import MYX, train_myx
 from minibt.stages.curate import curate
 from minibt.stages.forward import taught, train_forward
@@ -109,7 +109,7 @@ def train_backward(ctx: Context) -> dict[str, Any]:
 def self_augment(ctx: Context) -> dict[str, Any]:
     corpus = ctx.rows("corpus")
     augmented = augment(ctx.rd, ctx.inference, ctx.recipe, corpus, ctx.workers)
-    return {"texts": len(corpus), "empty_instructions": sum(not usable(r) for r in augmented),
+    return {"texts": len(corpus), **unusable_counts(augmented),
             "truncated": sum(bool(r.get(TRUNCATED)) for r in augmented), "engine": ctx.inference.name,
             **ctx.workers.counts("augment")}
 

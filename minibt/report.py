@@ -50,6 +50,15 @@ def _read_label(src: str, v: dict[str, Any]) -> str:
     return label + (f", segmented into {passages} passages" if passages not in (None, docs) else "")
 
 
+LEFT_OUT = {"empty_instructions": "empty", "copies": "copies of their text"}  # minibt/stages/augment.py's UNUSABLE
+
+
+def _left_out(counts: dict[str, Any]) -> str:
+    """The pairs myx made that no later stage uses, per reason ("" when none)."""
+    parts = [f"{counts[k]} {label}" for k, label in LEFT_OUT.items() if counts.get(k)]
+    return f"; left out: {', '.join(parts)}" if parts else ""
+
+
 def describe_stage(name: str, counts: dict[str, Any], world: World | None = None) -> str:
     """One line: what a stage read, kept and dropped (per filter, per threshold); a run's `world`
     describes its prepare and its own stages."""
@@ -67,13 +76,14 @@ def describe_stage(name: str, counts: dict[str, Any], world: World | None = None
                              + (f" (dropped: {dropped})" if dropped else ""))
         return "; ".join(parts)
     if name == "augment":
-        return f"{c.get('texts', '?')} texts -> instructions" + (f" ({_nonzero(c, ('texts',))})" if _nonzero(c, ("texts",)) else "")
+        extra = _nonzero(c, ("texts", *LEFT_OUT))
+        return f"{c.get('texts', '?')} texts -> instructions" + (f" ({extra})" if extra else "") + _left_out(c)
     if name.startswith("curate_r"):
         if "kept" not in c:
             return ""
         line = f"{c.get('scored', '?')} scored by {c.get('curator', '?')}: {c['kept']} kept (score >= {c.get('threshold', '?')}), {c.get('dropped', '?')} dropped"
-        extra = _nonzero(c, ("pairs", "scored", "kept", "dropped", "threshold", "unparseable_rate"))
-        return line + (f"; also {extra}" if extra else "")
+        extra = _nonzero(c, ("pairs", "scored", "kept", "dropped", "threshold", "unparseable_rate", *LEFT_OUT))
+        return line + _left_out(c) + (f"; also {extra}" if extra else "")
     if name.startswith("rewrite_r") and "rewritten" in c:
         return (f"{c.get('pairs', '?')} curated pairs rewritten by {c.get('adapter', '?')}: {c['rewritten']} rewrites used, "
                 f"{c.get('kept_original', '?')} kept their text (the rewrite kept < {c.get('min_overlap', '?')} of its content words); "

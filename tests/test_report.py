@@ -55,6 +55,17 @@ def test_the_prepare_line_names_what_each_number_counts():
         "corpus: 359 documents read, segmented into 372 passages -> 300 passages kept")
 
 
+def test_the_augment_and_curate_lines_say_how_many_pairs_were_left_out_as_copies():
+    """Pairs myx left empty and pairs whose instruction copies its text are counted apart, in plain words."""
+    from minibt.report import describe_stage
+
+    augment = {"texts": 100, "empty_instructions": 2, "copies": 7, "truncated": 1}
+    assert describe_stage("augment", augment) == "100 texts -> instructions (truncated 1); left out: 2 empty, 7 copies of their text"
+    assert describe_stage("augment", {"texts": 100, "empty_instructions": 0, "copies": 0}) == "100 texts -> instructions"
+    curate = {"pairs": 100, "empty_instructions": 0, "copies": 7, "scored": 93, "kept": 60, "dropped": 33, "threshold": 3.5, "curator": "m0"}
+    assert describe_stage("curate_r1", curate) == "93 scored by m0: 60 kept (score >= 3.5), 33 dropped; left out: 7 copies of their text"
+
+
 def test_minibt_report_rebuilds_it(finished_run):
     _, run, _ = finished_run
     (run / "report.md").unlink()

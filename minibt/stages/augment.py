@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from minibt.engine import Engine
@@ -13,10 +14,56 @@ from minibt.workers import InProcess, Task, Work, Workers
 
 TRUNCATED = "truncated_for_myx"  # the row's text was cut to fit myx's context
 
+UNUSABLE = ("empty_instructions", "copies")  # why a pair is left out, as the manifest counts it
+
+COPY_RUN = 4  # words: a run this long found verbatim in the output was repeated from it, not asked
+COPY_SHARE = 0.9  # share of the instruction's words inside such runs that makes it a copy
+COPY_MIN_WORDS = 8  # shorter instructions are not judged
+
 
 def usable(pair: dict[str, Any]) -> bool:
-    """A pair later stages can use: myx wrote an instruction (it sometimes writes none)."""
-    return bool(pair["instruction"].strip())
+    """A pair later stages can use: myx wrote an instruction, and not a copy of the text."""
+    return why_unusable(pair) is None
+
+
+def why_unusable(pair: dict[str, Any]) -> str | None:
+    """None for a usable pair, else which of UNUSABLE it is: myx wrote nothing, or repeated its text."""
+    if not pair["instruction"].strip():
+        return "empty_instructions"
+    return "copies" if copies_output(pair["instruction"], pair["output"]) else None
+
+
+def unusable_counts(pairs: list[dict[str, Any]]) -> dict[str, int]:
+    """How many pairs are left out, per reason (UNUSABLE)."""
+    reasons = [why_unusable(p) for p in pairs]
+    return {reason: reasons.count(reason) for reason in UNUSABLE}
+
+
+def copies_output(instruction: str, output: str) -> bool:
+    """The instruction repeats its output: it has COPY_MIN_WORDS words or more (lowercased, split on
+    non-word characters) and at least COPY_SHARE of them lie in runs of COPY_RUN or more consecutive
+    words found verbatim in the output.
+
+    Why these numbers: a copied sentence is covered whole, and an edit uncovers about one word, so a
+    lightly edited copy of ten words or more still reaches 0.9; an answer that restates its question
+    leaves the question's own words uncovered (What is, Who, for my house), which keeps people's pairs
+    in databricks-dolly-15k below 0.9, except short questions an answer quotes whole ("It is hard to
+    say what is the best swimming form"): hence no verdict under eight words.
+    """
+    words = _words(instruction)
+    if len(words) < COPY_MIN_WORDS:
+        return False
+    out = _words(output)
+    runs = {tuple(out[i:i + COPY_RUN]) for i in range(len(out) - COPY_RUN + 1)}
+    covered = [False] * len(words)
+    for i in range(len(words) - COPY_RUN + 1):
+        if tuple(words[i:i + COPY_RUN]) in runs:
+            covered[i:i + COPY_RUN] = [True] * COPY_RUN
+    return sum(covered) >= COPY_SHARE * len(words)
+
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"\w+", text.lower())
 
 
 def augment(run: RunDir, engine: Engine, recipe: Recipe, corpus: list[dict[str, Any]],

@@ -21,7 +21,7 @@ from minibt.errors import MinibtError
 from minibt.recipe import Recipe
 from minibt.roles import TRUNCATED_FOR_RUBRIC, keeps, score_pairs
 from minibt.rundir import RunDir
-from minibt.stages.augment import usable
+from minibt.stages.augment import unusable_counts, usable
 from minibt.stages.shards import map_shards
 from minibt.workers import InProcess, Task, Work, Workers
 
@@ -50,7 +50,7 @@ def curate(run: RunDir, engine: Engine, recipe: Recipe, round_: int, curator: st
     unparseable = sum(r["score"] is None for r in scored)
     counts = {
         "pairs": len(augmented),
-        "empty_instructions": len(augmented) - len(candidates),
+        **unusable_counts(augmented),  # left out before scoring: empty instructions, copies of the text
         "scored": len(scored),
         "unparseable": unparseable,
         "unparseable_rate": round(unparseable / max(1, len(scored)), 4),

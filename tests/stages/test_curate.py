@@ -1,6 +1,6 @@
-"""Self-curation (minibt/stages/curate.py): every usable pair scored, `kept` the threshold rule on each
-row, the curated file exactly the kept rows; calibration's threshold midway between the curator's mean
-scores on pairs rated good and bad."""
+"""Self-curation (minibt/stages/curate.py): every usable pair scored (empty instructions and copies of
+their text left out, each counted), `kept` the threshold rule on each row, the curated file exactly the
+kept rows; calibration's threshold midway between the curator's mean scores on pairs rated good and bad."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ PAIRS = [{"id": i, "instruction": f"What is the {a} of the {t}?", "output": f"Th
          for i, (a, t, c) in enumerate([("color", "king", "red"), ("size", "queen", "small"), ("color", "river", "blue"),
                                          ("capital", "north", "old"), ("color", "city", "green"), ("size", "south", "large")])]
 EMPTY = [{"id": 6, "instruction": "", "output": "myx wrote nothing."}, {"id": 7, "instruction": "  \n", "output": "Nor here."}]
+COPY = [{"id": 8, "instruction": "The old river runs blue and cold past the city.", "output": "The old river runs blue and cold past the city. Boats sail on it."}]
 
 
 def run_dir(path) -> RunDir:
@@ -34,10 +35,10 @@ def test_every_usable_pair_is_scored_and_kept_is_the_threshold_rule(stage_engine
     assert first["kept"] == len(scores) == len(PAIRS) and len(set(scores)) > 1, scores
     # a threshold inside the scores' range, one pair's own score: the pairs below it are dropped, that one kept
     threshold = sorted(scores)[len(scores) // 2]
-    counts = curate(run_dir(tmp_path / "b"), stage_engine, rubric(threshold), 1, "m0", PAIRS + EMPTY)
+    counts = curate(run_dir(tmp_path / "b"), stage_engine, rubric(threshold), 1, "m0", PAIRS + EMPTY + COPY)
     scored = io.read_jsonl(tmp_path / "b" / "data" / "scored_r1.jsonl")
     curated = io.read_jsonl(tmp_path / "b" / "data" / "curated_r1.jsonl")
-    assert [r["id"] for r in scored] == [p["id"] for p in PAIRS], "every usable pair, in order; the empty ones left out"
+    assert [r["id"] for r in scored] == [p["id"] for p in PAIRS], "every usable pair, in order; the empty ones and the copy left out"
     assert [r["score"] for r in scored] == scores, "the same curator scores the same pairs alike"
     for r in scored:  # the rubric in one forward pass: a distribution over 1-5, its expectation is the score
         assert len(r["score_probs"]) == 5 and sum(r["score_probs"]) == pytest.approx(1, abs=1e-4)
@@ -45,7 +46,7 @@ def test_every_usable_pair_is_scored_and_kept_is_the_threshold_rule(stage_engine
         assert r["kept"] == (r["score"] >= threshold)
     assert curated == [r for r in scored if r["kept"]] and 0 < len(curated) < len(scored)
     assert any(r["score"] == threshold and r["kept"] for r in scored), "a score at the threshold is kept"
-    assert counts["pairs"] == 8 and counts["empty_instructions"] == 2 and counts["scored"] == 6
+    assert (counts["pairs"], counts["empty_instructions"], counts["copies"], counts["scored"]) == (9, 2, 1, 6)
     assert (counts["kept"], counts["dropped"], counts["threshold"], counts["curator"]) == (len(curated), 6 - len(curated), threshold, "m0")
     assert sum(counts["histogram"].values()) == 6
 
