@@ -112,6 +112,7 @@ def _llama(vocab: int, hidden: int, intermediate: int, layers: int, heads: int, 
 # Offline fallback: published configs of common bases (the 4-bit repos share their shapes), matched
 # against the lowercased model name; the first match wins.
 KNOWN_SHAPES: list[tuple[str, str, Shape]] = [
+    (r"smollm2-135m", "SmolLM2-135M", _llama(49152, 576, 1536, 30, 9, 3, 64, tied=True)),
     (r"llama-3\.2-1b", "Llama-3.2-1B", _llama(128256, 2048, 8192, 16, 32, 8, 64, tied=True)),
     (r"llama-3\.2-3b", "Llama-3.2-3B", _llama(128256, 3072, 8192, 28, 24, 8, 128, tied=True)),
     (r"llama-3(\.1)?-8b", "Llama-3.1-8B", _llama(128256, 4096, 14336, 32, 32, 8)),

@@ -44,7 +44,7 @@ def test_the_wheel_holds_the_recipes_and_the_license(wheel):
     with zipfile.ZipFile(wheel) as whl:
         names = whl.namelist()
         metadata = whl.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
-    assert {f"minibt/recipes/{r}.yaml" for r in ("toy", "colab-t4", "gpu-24gb", "paper")} <= set(names)
+    assert {f"minibt/recipes/{r}.yaml" for r in ("toy", "colab-t4", "cpu-135m", "gpu-24gb", "paper")} <= set(names)
     assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
     assert "License-Expression: Apache-2.0" in metadata.splitlines()
 
@@ -68,7 +68,7 @@ def test_an_installed_wheel_runs_the_builtin_recipes_outside_the_checkout(wheel,
     minibt = venv / ("Scripts/minibt.exe" if os.name == "nt" else "bin/minibt")
 
     listed = _run([minibt, "recipes"], work, env=env).stdout
-    assert [line.split()[0] for line in listed.splitlines()] == ["colab-t4", "gpu-24gb", "paper", "toy"]
+    assert [line.split()[0] for line in listed.splitlines()] == ["colab-t4", "cpu-135m", "gpu-24gb", "paper", "toy"]
     _run([minibt, "recipes", "copy", "toy"], work, env=env)
     assert (work / "toy.yaml").read_text() == (ROOT / "minibt" / "recipes" / "toy.yaml").read_text()
     (work / "toy.yaml").unlink()  # so `run toy` below takes the built-in, not the copy

@@ -19,7 +19,7 @@ from minibt.recipe import load_recipe
 
 ROOT = Path(__file__).parent.parent
 RECIPES = [builtin.builtin_path(name) for name in builtin.names()]  # minibt/recipes/*.yaml, package data
-REAL = ["colab-t4.yaml", "gpu-24gb.yaml", "paper.yaml"]
+REAL = ["colab-t4.yaml", "cpu-135m.yaml", "gpu-24gb.yaml", "paper.yaml"]
 NOTEBOOK = ROOT / "notebooks" / "minibt_colab.ipynb"
 
 
@@ -66,7 +66,7 @@ def test_real_recipes_fit_their_card_by_the_estimate(name, gib, monkeypatch):
     assert est.shape is not None and est.peak.total < gib * GiB
 
 
-@pytest.mark.parametrize("name", REAL)
+@pytest.mark.parametrize("name", [n for n in REAL if n != "cpu-135m.yaml"])
 def test_real_recipes_use_base_models_with_minibt_template(name):
     r = load_recipe(builtin.builtin_path(name))
     assert "instruct" not in r.model.name.lower() and "chat" not in r.model.name.lower()  # base models, as the paper
@@ -76,6 +76,15 @@ def test_real_recipes_use_base_models_with_minibt_template(name):
     assert r.corpus.dataset and (r.corpus.min_chars, r.corpus.max_chars) == (600, 3000)
     assert (r.augment.temperature, r.augment.top_p) == (0.7, 0.9)
     assert r.forward.tags
+
+
+def test_cpu_recipe_runs_the_small_instruct_model_on_the_cpu_with_its_own_template():
+    # the one real model every machine of ours has: an instruct model, whose ChatML turn end is a trained token
+    r = load_recipe(builtin.builtin_path("cpu-135m"))
+    assert r.model.name == "HuggingFaceTB/SmolLM2-135M-Instruct" and r.model.device == "cpu"
+    assert (r.model.chat_template, r.model.quantization, r.run.threads) == ("auto", "nf4", 1)
+    assert (r.seed.dataset, r.seed.format) == ("OpenAssistant/oasst1", "oasst")
+    assert (r.augment.temperature, r.augment.top_p, r.curate.method) == (0.7, 0.9, "rubric")
 
 
 def test_colab_recipe_fits_a_t4():
@@ -95,7 +104,7 @@ def test_paper_recipe_is_the_papers():
 
 
 def test_the_builtins_are_the_shipped_recipes_and_the_clone_sees_them_at_recipes():
-    assert builtin.names() == ["colab-t4", "gpu-24gb", "paper", "toy"]
+    assert builtin.names() == ["colab-t4", "cpu-135m", "gpu-24gb", "paper", "toy"]
     assert (ROOT / "recipes").resolve() == (ROOT / "minibt" / "recipes").resolve()  # README's recipes/toy.yaml, in a clone
 
 
@@ -121,7 +130,7 @@ def test_neither_a_file_nor_a_builtin_is_one_line_listing_the_builtins(arg, hint
     result = CliRunner().invoke(main, ["run", arg, "--dry-run"])
     assert result.exit_code == 2
     assert result.output == (f"error: {arg}: no such recipe file, and not a built-in recipe (built-ins: colab-t4, "
-                             f"gpu-24gb, paper, toy; `minibt recipes` lists them){hint}\n")
+                             f"cpu-135m, gpu-24gb, paper, toy; `minibt recipes` lists them){hint}\n")
 
 
 def test_minibt_recipes_lists_each_with_its_first_comment_line():
@@ -153,7 +162,7 @@ def test_minibt_recipes_copy_writes_one_out_and_keeps_an_existing_file(tmp_path,
     assert (tmp_path / "mine" / "paper.yaml").read_text() == (tmp_path / "mine" / "p2.yaml").read_text() \
         == builtin.builtin_path("paper").read_text()
     unknown = runner.invoke(main, ["recipes", "copy", "nope"])
-    assert unknown.exit_code == 2 and "nope: not a built-in recipe (built-ins: colab-t4, gpu-24gb, paper, toy)" in unknown.output
+    assert unknown.exit_code == 2 and "nope: not a built-in recipe (built-ins: colab-t4, cpu-135m, gpu-24gb, paper, toy)" in unknown.output
 
 
 def test_the_bench_default_recipe_is_the_builtin_toy():
@@ -165,16 +174,35 @@ def test_the_bench_default_recipe_is_the_builtin_toy():
 # --- the notebook ---------------------------------------------------------------------------
 
 
+def _parameters(nb) -> tuple[int, dict]:
+    """The parameters cell (tagged as papermill finds it): its index and the defaults it sets."""
+    cells = [i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", [])]
+    assert len(cells) == 1, f"one cell tagged 'parameters', not {len(cells)}"
+    values: dict = {}
+    exec(nb.cells[cells[0]].source, values)
+    return cells[0], {k: v for k, v in values.items() if k.isupper()}
+
+
 def _shell_lines(nb) -> list[str]:
-    """The notebook's `!minibt ...` commands, as a terminal would take them."""
-    return [line.strip()[1:].split("  #")[0].strip() for cell in nb.cells if cell.cell_type == "code"
-            for line in cell.source.splitlines() if line.strip().startswith("!minibt ")]
+    """The notebook's `!minibt ...` commands as a terminal would take them, {VARIABLES} expanded with the
+    parameters cell's defaults, and `--out RUN` left out where RUN is the recipe's own run directory."""
+    _, params = _parameters(nb)
+    run_dir = f"runs/{load_recipe(ROOT / params['RECIPE']).run.name}"
+    lines = [line.strip()[1:].split("  #")[0].strip() for cell in nb.cells if cell.cell_type == "code"
+             for line in cell.source.splitlines() if line.strip().startswith("!minibt ")]
+    commands = [" ".join(line.format(**params).split()) for line in lines]
+    assert all(f"--out {run_dir}" in c for c in commands), commands  # the cells after the run read RUN
+    return [c.replace(f" --out {run_dir}", "") for c in commands]
 
 
 def test_notebook_is_valid_and_runs_readmes_commands():
     nbformat = pytest.importorskip("nbformat")
     nb = nbformat.read(NOTEBOOK, as_version=4)
     nbformat.validate(nb)
+    index, params = _parameters(nb)
+    assert index <= 2  # near the top, where a Colab user sees it
+    assert params == {"RECIPE": "recipes/colab-t4.yaml", "OVERRIDES": "", "RUN": "runs/colab-t4",
+                      "MAX_NEW_TOKENS": 300, "ON_COLAB": True}  # a Colab user runs the Colab recipe, unchanged
     commands = _shell_lines(nb)
     assert "minibt run recipes/colab-t4.yaml" in commands
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
@@ -182,9 +210,13 @@ def test_notebook_is_valid_and_runs_readmes_commands():
         assert command in readme, f"the notebook runs {command!r}, which README does not give"
     code = "\n".join(c.source for c in nb.cells if c.cell_type == "code")
     assert 'pip install -q -e ".[unsloth]"' in code
-    assert "runs/colab-t4/data/curated_r1.jsonl" in code and "expected_score" in code
-    assert 'adapter="m0"' in code and 'adapter="m1"' in code and "minibt.open_run(" in code
+    assert 'f"{RUN}/data/curated_r1.jsonl"' in code and "expected_score" in code
+    assert 'adapter="m0"' in code and 'adapter="m1"' in code and "minibt.open_run(RUN)" in code
     assert "upload_folder(" in code and "/content/drive" in code
+    for cell in nb.cells:  # what needs Colab runs only there, so the notebook runs elsewhere (tests/test_notebook.py)
+        if cell.cell_type == "code" and any(w in line for w in ("nvidia-smi", "git clone", "google.colab", "login()")
+                                            for line in cell.source.splitlines() if not line.lstrip().startswith("#")):
+            assert cell.source.startswith("if ON_COLAB:\n"), cell.source
 
 
 def test_notebook_matches_its_build_script():
@@ -195,7 +227,8 @@ def test_notebook_matches_its_build_script():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     built, saved = module.build(), nbformat.read(NOTEBOOK, as_version=4)
-    assert [(c.cell_type, c.source) for c in built.cells] == [(c.cell_type, c.source) for c in saved.cells], \
+    cells = lambda nb: [(c.cell_type, c.source, c.metadata) for c in nb.cells]  # metadata: the parameters tag
+    assert cells(built) == cells(saved), \
         "notebooks/minibt_colab.ipynb is stale: run python notebooks/build_notebook.py"
 
 
