@@ -1,0 +1,277 @@
+"""The real-model bench: the built-in cpu-135m recipe on SmolLM2-135M-Instruct and human-written data with
+ground truth (bench/real/data), every stage measured against that truth.
+
+    python bench/real/run.py --seeds 0 1 2 [--out runs/real] [--ifeval-limit 30 --ifeval-max-tokens 128] [--eval-only]
+
+Per run seed: `minibt run cpu-135m` with the local model and data as overrides (what users run is what is
+measured), then, in one process on the run's adapters:
+- backward: myx's instructions for the held-out responses (sampled, as the method used them) against the
+  true instructions (ROUGE-L F, rouge-score, stemmed), and the share that are requests (non-empty, not a
+  copy of the text: the pipeline's own predicate); baselines: the base asked zero-shot, and the text's
+  first sentence.
+- curation: the run's rubric scores (m0) against the corpus labels: precision, recall and AUC of keeping a
+  good (human) response over a planted bad text, keep rates per label and kind, beside the clean share;
+  the likelihood curator on the same pairs (AUC; precision/recall at the rubric's keep count); and the
+  rubric on fixed labelled pairs (true, mismatched, planted) without myx in the loop.
+- forward: base, m0, m1: mean NLL per token of test reference answers (pairs in neither seed nor corpus)
+  and IFEval (the local 541 prompts, a subset and a generation cap, both stated).
+Writes bench/results/real-s<seed>.json and bench/results/real.md (the table over the seeds run so far).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+DATA = ROOT / "bench" / "real" / "data"
+RESULTS = ROOT / "bench" / "results"
+ZERO_SHOT = ("Here is a text:\n\n{text}\n\nWrite the instruction or question that this text is the answer to. "
+             "Reply with the instruction only.")
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def overrides(model: Path, seed: int) -> list[str]:
+    """The cpu-135m recipe pointed at the local model and data; min_chars 40 lets the planted fragments in."""
+    return [f"model.name={model}", f"run.seed={seed}",
+            "seed.dataset=null", f"seed.path={DATA / 'seed.jsonl'}", "seed.format=pairs",
+            "corpus.dataset=null", "corpus.name=null", f"corpus.path={DATA / 'corpus.jsonl'}",
+            "corpus.limit=null", "corpus.min_chars=40"]
+
+
+def run_method(model: Path, seed: int, out: Path) -> float:
+    t0 = time.time()
+    cmd = [sys.executable, "-m", "minibt.cli", "run", "cpu-135m", *overrides(model, seed), "--out", str(out)]
+    print("+", " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True)
+    return time.time() - t0
+
+
+def rouge_l(pairs: list[tuple[str, str]]) -> float:
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    return round(statistics.fmean(scorer.score(ref, hyp)["rougeL"].fmeasure for ref, hyp in pairs), 4)
+
+
+def first_sentence(text: str) -> str:
+    return re.split(r"(?<=[.!?])\s+", text.strip(), maxsplit=1)[0]
+
+
+def auc(good: list[float], bad: list[float]) -> float | None:
+    """P(a good item outscores a bad one), ties half."""
+    if not good or not bad:
+        return None
+    wins = sum((g > b) + 0.5 * (g == b) for g in good for b in bad)
+    return round(wins / (len(good) * len(bad)), 4)
+
+
+def keep_stats(rows: list[dict[str, Any]], kept: list[bool]) -> dict[str, Any]:
+    """Precision/recall of keeping good over bad (web texts apart), keep rates per label and kind."""
+    tp = sum(k and r["label"] == "good" for r, k in zip(rows, kept))
+    fp = sum(k and r["label"] == "bad" for r, k in zip(rows, kept))
+    good = sum(r["label"] == "good" for r in rows)
+    bad = sum(r["label"] == "bad" for r in rows)
+    rate: dict[str, Any] = {}
+    for key in ("label", "kind"):
+        for value in sorted({r[key] for r in rows}):
+            idx = [i for i, r in enumerate(rows) if r[key] == value]
+            rate[value] = {"n": len(idx), "kept": sum(kept[i] for i in idx)}
+    return {"precision": round(tp / (tp + fp), 4) if tp + fp else None, "recall": round(tp / good, 4) if good else None,
+            "clean_share": round(good / (good + bad), 4) if good + bad else None, "kept": sum(kept), "n": len(rows),
+            "keep_rates": rate}
+
+
+def evaluate(run_dir: Path, ifeval_limit: int, ifeval_tokens: int) -> dict[str, Any]:
+    import torch
+
+    from minibt import io
+    from minibt.engine import BASE
+    from minibt.ifeval import ifeval
+    from minibt.roles import forward_prompt, keeps, round_threshold, score_pairs
+    from minibt.session import open_run
+    from minibt.stages.augment import copies_output
+
+    torch.set_num_threads(1)
+    session = open_run(run_dir, adapters=["myx", "m0", "m1"])
+    engine, recipe = session.engine, session.recipe
+    out: dict[str, Any] = {"timings": {}}
+
+    # prepare: what the corpus filters (before any model) did to each label
+    given = read_jsonl(DATA / "corpus.jsonl")
+    kept_texts = {r["text"].strip() for r in io.read_jsonl(session.run.data("corpus"))}
+    out["prepare"] = {label: {"n": sum(r["label"] == label for r in given),
+                              "kept": sum(r["label"] == label and r["text"].strip() in kept_texts for r in given)}
+                      for label in ("good", "web", "bad")}
+
+    # backward: the held-out responses went into the corpus; their true instructions stayed aside
+    truth = {r["output"].strip(): r["instruction"] for r in read_jsonl(DATA / "heldout.jsonl")}
+    augmented = [r for r in io.read_jsonl(session.run.data("augmented")) if r.get("kind") == "heldout"]
+    pairs = [(truth[r["output"].strip()], r["instruction"]) for r in augmented if r["output"].strip() in truth]
+    t0 = time.time()
+    texts = [r["output"] for r in augmented if r["output"].strip() in truth]
+    prompts = [engine.render([{"role": "user", "content": ZERO_SHOT.format(text=engine.clip_text(t, 400))}]) for t in texts]
+    zero_shot = engine.generate(BASE, prompts, max_new_tokens=recipe.augment.max_new_tokens, batch_size=16)
+    out["timings"]["zero_shot_s"] = round(time.time() - t0, 1)
+    requests = [bool(h.strip()) and not copies_output(h, t) for (_, h), t in zip(pairs, texts)]
+    out["backward"] = {
+        "n": len(pairs),
+        "rouge_l": {"myx": rouge_l(pairs), "base_zero_shot": rouge_l([(ref, z) for (ref, _), z in zip(pairs, zero_shot)]),
+                    "first_sentence": rouge_l([(ref, first_sentence(t)) for (ref, _), t in zip(pairs, texts)])},
+        "request_share": {"myx": round(statistics.fmean(requests), 4),
+                          "base_zero_shot": round(statistics.fmean(bool(z.strip()) and not copies_output(z, t)
+                                                                   for z, t in zip(zero_shot, texts)), 4)},
+        "examples": [{"true": ref, "myx": h, "base_zero_shot": z, "text": t[:200]}
+                     for (ref, h), z, t in list(zip(pairs, zero_shot, texts))[:8]],
+    }
+
+    # curation: the run's own rubric scores (curator m0) against the labels
+    scored = [r for r in io.read_jsonl(session.run.data("scored_r1")) if "label" in r]
+    threshold = round_threshold(session.run, recipe, 1)
+    kept = [keeps(r["score"], threshold) for r in scored]
+    labelled = [r for r in scored if r["label"] in ("good", "bad")]
+    rubric = keep_stats(scored, kept)
+    rubric.update(threshold=threshold, auc=auc([r["score"] for r in labelled if r["label"] == "good"],
+                                               [r["score"] for r in labelled if r["label"] == "bad"]))
+    t0 = time.time()
+    likelihood_recipe = dataclasses.replace(recipe, curate=dataclasses.replace(recipe.curate, method="likelihood"))
+    lik = score_pairs(engine, likelihood_recipe, "m0", [{"instruction": r["instruction"], "output": r["output"]} for r in scored])
+    cut = sorted((r["score"] for r in lik), reverse=True)[max(0, sum(kept) - 1)] if sum(kept) else float("inf")
+    likelihood = keep_stats(scored, [r["score"] >= cut for r in lik])
+    likelihood.update(auc=auc([s["score"] for s, r in zip(lik, scored) if r["label"] == "good"],
+                              [s["score"] for s, r in zip(lik, scored) if r["label"] == "bad"]),
+                      note="kept: the top pairs, as many as the rubric kept")
+    out["timings"]["likelihood_s"] = round(time.time() - t0, 1)
+    t0 = time.time()
+    fixed = read_jsonl(DATA / "curation_pairs.jsonl")
+    fixed_scores = score_pairs(engine, recipe, "m0", [{"instruction": r["instruction"], "output": r["output"]} for r in fixed])
+    fixed_kept = [keeps(s["score"], threshold) for s in fixed_scores]
+    fixed_stats = keep_stats(fixed, fixed_kept)
+    fixed_stats.update(auc=auc([s["score"] for s, r in zip(fixed_scores, fixed) if r["label"] == "good"],
+                               [s["score"] for s, r in zip(fixed_scores, fixed) if r["label"] == "bad"]))
+    out["timings"]["fixed_pairs_s"] = round(time.time() - t0, 1)
+    out["curation"] = {"rubric": rubric, "likelihood": likelihood, "rubric_fixed_pairs": fixed_stats}
+
+    # forward: reference answers' NLL on test pairs, and IFEval
+    test = read_jsonl(DATA / "test.jsonl")
+    t0 = time.time()
+    prompts = [forward_prompt(engine, recipe, r["instruction"]) for r in test]
+    nll = {a: round(-float(engine.completion_logprobs(a, prompts, [r["output"] for r in test], batch_size=8).mean()), 4)
+           for a in (BASE, "m0", "m1")}
+    out["timings"]["nll_s"] = round(time.time() - t0, 1)
+    out["forward"] = {"test_nll": {"n": len(test), **nll}, "ifeval": {}}
+    del session, engine
+    for adapter in (BASE, "m0", "m1"):
+        t0 = time.time()
+        summary, _ = ifeval(session_run(run_dir), adapter, data=DATA / "ifeval" / "input_data.jsonl", limit=ifeval_limit,
+                            max_gen_toks=ifeval_tokens)
+        out["forward"]["ifeval"][adapter] = summary
+        out["timings"][f"ifeval_{adapter}_s"] = round(time.time() - t0, 1)
+    return out
+
+
+def session_run(run_dir: Path) -> Any:
+    from minibt.rundir import RunDir
+
+    return RunDir.open(run_dir)
+
+
+def claims(r: dict[str, Any]) -> dict[str, bool]:
+    """The paper's claims as the toy world states them, on real data."""
+    b, c, f = r["backward"]["rouge_l"], r["curation"]["rubric"], r["forward"]
+    ife = f["ifeval"]
+    return {
+        "myx beats the base asked zero-shot (ROUGE-L)": b["myx"] > b["base_zero_shot"],
+        "myx beats the first sentence (ROUGE-L)": b["myx"] > b["first_sentence"],
+        "curation enriches good texts (precision > clean share)": (c["precision"] or 0) > (c["clean_share"] or 1),
+        "m1 beats m0 on test NLL": f["test_nll"]["m1"] < f["test_nll"]["m0"],
+        "m1 beats m0 on IFEval (prompt, loose)": ife["m1"]["prompt_level_loose_acc"] > ife["m0"]["prompt_level_loose_acc"],
+    }
+
+
+def stage_seconds(run_dir: Path) -> dict[str, float]:
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    return {k: round(v.get("seconds", 0.0), 1) for k, v in manifest["stages"].items()}
+
+
+def table(results: list[dict[str, Any]]) -> str:
+    """The markdown table over the seeds run: each metric's value per seed, and the mean."""
+    def row(name: str, get: Any, fmt: str = "{:.3f}") -> str:
+        values = [get(r) for r in results]
+        shown = [fmt.format(v) if isinstance(v, (int, float)) else "-" for v in values]
+        nums = [v for v in values if isinstance(v, (int, float))]
+        mean = fmt.format(statistics.fmean(nums)) if len(nums) > 1 else ""
+        spread = f" ± {statistics.stdev(nums):.3f}" if len(nums) > 2 else ""
+        return f"| {name} | " + " | ".join(shown) + f" | {mean}{spread} |"
+
+    seeds = " | ".join(f"seed {r['seed']}" for r in results)
+    lines = [f"| metric | {seeds} | mean |", "|---" * (len(results) + 2) + "|"]
+    lines += [
+        row("backward ROUGE-L: myx", lambda r: r["backward"]["rouge_l"]["myx"]),
+        row("backward ROUGE-L: base zero-shot", lambda r: r["backward"]["rouge_l"]["base_zero_shot"]),
+        row("backward ROUGE-L: first sentence", lambda r: r["backward"]["rouge_l"]["first_sentence"]),
+        row("backward requests (not copies): myx", lambda r: r["backward"]["request_share"]["myx"]),
+        row("curation rubric (m0): precision", lambda r: r["curation"]["rubric"]["precision"]),
+        row("curation rubric (m0): recall", lambda r: r["curation"]["rubric"]["recall"]),
+        row("curation rubric (m0): AUC good vs bad", lambda r: r["curation"]["rubric"]["auc"]),
+        row("curation: clean share", lambda r: r["curation"]["rubric"]["clean_share"]),
+        row("curation likelihood (m0): AUC", lambda r: r["curation"]["likelihood"]["auc"]),
+        row("curation likelihood: precision at the rubric's count", lambda r: r["curation"]["likelihood"]["precision"]),
+        row("rubric on fixed labelled pairs: AUC", lambda r: r["curation"]["rubric_fixed_pairs"]["auc"]),
+    ]
+    for a in ("base", "m0", "m1"):
+        lines.append(row(f"test NLL per token: {a}", lambda r, a=a: r["forward"]["test_nll"][a]))
+    for a in ("base", "m0", "m1"):
+        for m in ("prompt_level_strict_acc", "prompt_level_loose_acc", "inst_level_strict_acc", "inst_level_loose_acc"):
+            lines.append(row(f"IFEval {m.replace('_acc', '').replace('_', ' ')}: {a}",
+                             lambda r, a=a, m=m: r["forward"]["ifeval"][a][m]))
+    lines.append(row("method wall (min)", lambda r: r["method_wall_s"] / 60, "{:.1f}"))
+    for claim in results[0]["claims"]:
+        lines.append(f"| claim: {claim} | " + " | ".join("held" if r["claims"][claim] else "FAILED" for r in results) + " | |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "real")
+    parser.add_argument("--ifeval-limit", type=int, default=30)
+    parser.add_argument("--ifeval-max-tokens", type=int, default=128)
+    parser.add_argument("--eval-only", action="store_true", help="evaluate finished runs again, without running the method")
+    args = parser.parse_args()
+    from minibt.bench.smollm2 import folder
+
+    model = folder()
+    for seed in args.seeds:
+        run_dir = args.out / f"s{seed}"
+        previous = RESULTS / f"real-s{seed}.json"
+        if args.eval_only:
+            wall = json.loads(previous.read_text())["method_wall_s"] if previous.is_file() else float("nan")
+        else:
+            wall = run_method(model, seed, run_dir)
+        t0 = time.time()
+        result = evaluate(run_dir, args.ifeval_limit, args.ifeval_max_tokens)
+        result.update(seed=seed, run=str(run_dir), method_wall_s=round(wall, 1), eval_wall_s=round(time.time() - t0, 1),
+                      stages_s=stage_seconds(run_dir), ifeval_subset=f"first {args.ifeval_limit} of 541 prompts",
+                      ifeval_max_tokens=args.ifeval_max_tokens, claims=None)
+        result["claims"] = claims(result)
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        (RESULTS / f"real-s{seed}.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+        print(json.dumps({k: result[k] for k in ("backward", "claims")}, indent=1)[:3000], flush=True)
+        done = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("real-s*.json"))]
+        (RESULTS / "real.md").write_text(table(done), encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()
