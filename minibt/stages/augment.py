@@ -18,7 +18,7 @@ UNUSABLE = ("empty_instructions", "copies")  # why a pair is left out, as the ma
 
 COPY_RUN = 4  # words: a run this long found verbatim in the output was repeated from it, not asked
 COPY_SHARE = 0.9  # share of the instruction's words inside such runs that makes it a copy
-COPY_MIN_WORDS = 8  # shorter instructions are not judged
+COPY_MIN_WORDS = 8  # shorter instructions are not judged; a copy may also open with a run this long
 
 
 def usable(pair: dict[str, Any]) -> bool:
@@ -40,26 +40,36 @@ def unusable_counts(pairs: list[dict[str, Any]]) -> dict[str, int]:
 
 
 def copies_output(instruction: str, output: str) -> bool:
-    """The instruction repeats its output: it has COPY_MIN_WORDS words or more (lowercased, split on
-    non-word characters) and at least COPY_SHARE of them lie in runs of COPY_RUN or more consecutive
-    words found verbatim in the output.
+    """The instruction repeats its output. On lowercased words (split on non-word characters), an
+    instruction of COPY_MIN_WORDS words or more is a copy when
+    - COPY_SHARE of its words or more lie in runs of COPY_RUN or more consecutive words found verbatim
+      in the output (a copied sentence, perhaps lightly edited: an edit uncovers about one word), or
+    - it opens with a run of COPY_MIN_WORDS words or more found verbatim in the output, at least half
+      of it (a copy with words of its own tacked on, a continuation).
 
-    Why these numbers: a copied sentence is covered whole, and an edit uncovers about one word, so a
-    lightly edited copy of ten words or more still reaches 0.9; an answer that restates its question
-    leaves the question's own words uncovered (What is, Who, for my house), which keeps people's pairs
-    in databricks-dolly-15k below 0.9, except short questions an answer quotes whole ("It is hard to
-    say what is the best swimming form"): hence no verdict under eight words.
+    Why these numbers: an answer that restates its question leaves the question's own words (What is,
+    Who, for my house) uncovered and at its start, so people's pairs stay clear of both rules (1 of the
+    910 databricks-dolly-15k pairs in bench/real/data is flagged, a 13-word question restated whole);
+    only short questions get quoted whole by their answers ("It is hard to say what is the best
+    swimming form"): hence no verdict under eight words.
     """
-    words = _words(instruction)
+    words, out = _words(instruction), _words(output)
     if len(words) < COPY_MIN_WORDS:
         return False
-    out = _words(output)
     runs = {tuple(out[i:i + COPY_RUN]) for i in range(len(out) - COPY_RUN + 1)}
     covered = [False] * len(words)
     for i in range(len(words) - COPY_RUN + 1):
         if tuple(words[i:i + COPY_RUN]) in runs:
             covered[i:i + COPY_RUN] = [True] * COPY_RUN
-    return sum(covered) >= COPY_SHARE * len(words)
+    opening = max((_common_prefix(words, out[j:]) for j in range(len(out))), default=0)
+    return sum(covered) >= COPY_SHARE * len(words) or opening >= max(COPY_MIN_WORDS, len(words) / 2)
+
+
+def _common_prefix(a: list[str], b: list[str]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
 
 
 def _words(text: str) -> list[str]:

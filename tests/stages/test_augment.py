@@ -46,6 +46,9 @@ COPIES = {  # what a small myx writes for PASSAGE instead of a request
     "a later sentence, cut short": "The Cruelty to Animals Act of 1822, introduced by Richard Martin, protected cattle",
     "a continuation into the next sentence": ("Britain was the first to pass any act outlawing cruelty to animals, and the "
                                               "Cruelty to Animals Act of 1822 protected cattle, horses and sheep"),
+    "a continuation in its own words": ("Britain was the first to pass any act outlawing cruelty to animals, and many "
+                                        "other countries followed its example soon after"),
+    "a question of its own tacked on": "Britain was the first to pass any act outlawing cruelty to animals. What is this about?",
     "a word added": "Britain was the first nation to pass any act outlawing cruelty to animals.",
     "a word changed": "Britain was the first to pass an act outlawing cruelty to animals.",
     "a question tacked on": "Britain was the first to pass any act outlawing cruelty to animals. Why?",
@@ -67,6 +70,8 @@ REQUESTS = {  # honest (instruction, output) pairs, many from databricks-dolly-1
     "a request naming a phrase of it": ("Write a short paragraph about the Cruelty to Animals Act of 1822 and who introduced it.",
                                         PASSAGE),
     "a summary request": ("Summarize the history of animal welfare laws in Britain in three sentences.", PASSAGE),
+    "a request that quotes it first": ("Britain was the first to pass any act outlawing cruelty to animals: explain in a "
+                                       "few sentences why that law mattered and who fought for it.", PASSAGE),
     "a classification": ("Classify these cities by country: Paris, Munich, Lyon, Dresden",
                          "France: Paris, Lyon\nGermany: Munich, Dresden"),
     "a short question quoted whole": ("What is the best swimming form?", "It is hard to say what is the best swimming "
