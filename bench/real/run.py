@@ -58,6 +58,26 @@ def run_method(model: Path, seed: int, out: Path) -> float:
     return time.time() - t0
 
 
+def train_uncurated(run_dir: Path) -> float:
+    """The paper's ablation: m1 trained on the seed plus every usable augmented pair, none curated away."""
+    from minibt import io
+    from minibt.base_model import open_engine
+    from minibt.rundir import RunDir
+    from minibt.stages.augment import usable
+    from minibt.stages.forward import train_forward
+
+    run = RunDir.open(run_dir)
+    if (run.adapter("m1_uncurated") / "adapter_config.json").is_file():
+        return 0.0
+    t0 = time.time()
+    recipe = run.recipe()
+    engine = open_engine(recipe, run.manifest.get("base_model"))
+    augmented = [r for r in io.read_jsonl(run.data("augmented")) if usable(r)]
+    train_forward(engine, recipe, "m1_uncurated", io.read_jsonl(run.data("seed")), augmented, run.work("m1_uncurated"))
+    engine.save_adapter("m1_uncurated", run.adapter("m1_uncurated"))
+    return time.time() - t0
+
+
 def rouge_l(pairs: list[tuple[str, str]]) -> float:
     from rouge_score import rouge_scorer
 
@@ -104,7 +124,8 @@ def evaluate(run_dir: Path, ifeval_limit: int, ifeval_tokens: int) -> dict[str, 
     from minibt.stages.augment import copies_output
 
     torch.set_num_threads(1)
-    session = open_run(run_dir, adapters=["myx", "m0", "m1"])
+    forward = [BASE, "m0", "m1"] + (["m1_uncurated"] if (run_dir / "adapters" / "m1_uncurated").is_dir() else [])
+    session = open_run(run_dir, adapters=["myx", *forward[1:]])
     engine, recipe = session.engine, session.recipe
     out: dict[str, Any] = {"timings": {}}
 
@@ -168,11 +189,11 @@ def evaluate(run_dir: Path, ifeval_limit: int, ifeval_tokens: int) -> dict[str, 
     t0 = time.time()
     prompts = [forward_prompt(engine, recipe, r["instruction"]) for r in test]
     nll = {a: round(-float(engine.completion_logprobs(a, prompts, [r["output"] for r in test], batch_size=8).mean()), 4)
-           for a in (BASE, "m0", "m1")}
+           for a in forward}
     out["timings"]["nll_s"] = round(time.time() - t0, 1)
     out["forward"] = {"test_nll": {"n": len(test), **nll}, "ifeval": {}}
     del session, engine
-    for adapter in (BASE, "m0", "m1"):
+    for adapter in forward:
         t0 = time.time()
         summary, _ = ifeval(session_run(run_dir), adapter, data=DATA / "ifeval" / "input_data.jsonl", limit=ifeval_limit,
                             max_gen_toks=ifeval_tokens)
@@ -197,6 +218,8 @@ def claims(r: dict[str, Any]) -> dict[str, bool]:
         "curation enriches good texts (precision > clean share)": (c["precision"] or 0) > (c["clean_share"] or 1),
         "m1 beats m0 on test NLL": f["test_nll"]["m1"] < f["test_nll"]["m0"],
         "m1 beats m0 on IFEval (prompt, loose)": ife["m1"]["prompt_level_loose_acc"] > ife["m0"]["prompt_level_loose_acc"],
+        **({"curation matters: m1 beats m1_uncurated on test NLL": f["test_nll"]["m1"] < f["test_nll"]["m1_uncurated"]}
+           if "m1_uncurated" in f["test_nll"] else {}),
     }
 
 
@@ -230,15 +253,17 @@ def table(results: list[dict[str, Any]]) -> str:
         row("curation likelihood: precision at the rubric's count", lambda r: r["curation"]["likelihood"]["precision"]),
         row("rubric on fixed labelled pairs: AUC", lambda r: r["curation"]["rubric_fixed_pairs"]["auc"]),
     ]
-    for a in ("base", "m0", "m1"):
-        lines.append(row(f"test NLL per token: {a}", lambda r, a=a: r["forward"]["test_nll"][a]))
-    for a in ("base", "m0", "m1"):
+    adapters = ("base", "m0", "m1", "m1_uncurated")
+    for a in adapters:
+        lines.append(row(f"test NLL per token: {a}", lambda r, a=a: r["forward"]["test_nll"].get(a)))
+    for a in adapters:
         for m in ("prompt_level_strict_acc", "prompt_level_loose_acc", "inst_level_strict_acc", "inst_level_loose_acc"):
             lines.append(row(f"IFEval {m.replace('_acc', '').replace('_', ' ')}: {a}",
-                             lambda r, a=a, m=m: r["forward"]["ifeval"][a][m]))
+                             lambda r, a=a, m=m: r["forward"]["ifeval"].get(a, {}).get(m)))
     lines.append(row("method wall (min)", lambda r: r["method_wall_s"] / 60, "{:.1f}"))
-    for claim in results[0]["claims"]:
-        lines.append(f"| claim: {claim} | " + " | ".join("held" if r["claims"][claim] else "FAILED" for r in results) + " | |")
+    for claim in dict.fromkeys(c for r in results for c in r["claims"]):
+        verdicts = {True: "held", False: "FAILED", None: "not run"}
+        lines.append(f"| claim: {claim} | " + " | ".join(verdicts[r["claims"].get(claim)] for r in results) + " | |")
     return "\n".join(lines) + "\n"
 
 
@@ -249,6 +274,7 @@ def main() -> None:
     parser.add_argument("--ifeval-limit", type=int, default=30)
     parser.add_argument("--ifeval-max-tokens", type=int, default=128)
     parser.add_argument("--eval-only", action="store_true", help="evaluate finished runs again, without running the method")
+    parser.add_argument("--uncurated", action="store_true", help="also train m1_uncurated (seed + every usable augmented pair)")
     args = parser.parse_args()
     from minibt.bench.smollm2 import folder
 
@@ -260,10 +286,12 @@ def main() -> None:
             wall = json.loads(previous.read_text())["method_wall_s"] if previous.is_file() else float("nan")
         else:
             wall = run_method(model, seed, run_dir)
+        uncurated_s = train_uncurated(run_dir) if args.uncurated else 0.0
         t0 = time.time()
         result = evaluate(run_dir, args.ifeval_limit, args.ifeval_max_tokens)
         result.update(seed=seed, run=str(run_dir), method_wall_s=round(wall, 1), eval_wall_s=round(time.time() - t0, 1),
-                      stages_s=stage_seconds(run_dir), ifeval_subset=f"first {args.ifeval_limit} of 541 prompts",
+                      stages_s={**stage_seconds(run_dir), **({"m1_uncurated": round(uncurated_s, 1)} if uncurated_s else {})},
+                      ifeval_subset=f"first {args.ifeval_limit} of 541 prompts",
                       ifeval_max_tokens=args.ifeval_max_tokens, claims=None)
         result["claims"] = claims(result)
         RESULTS.mkdir(parents=True, exist_ok=True)
