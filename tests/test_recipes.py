@@ -210,7 +210,7 @@ def test_notebook_is_valid_and_runs_readmes_commands():
         assert command in readme, f"the notebook runs {command!r}, which README does not give"
     code = "\n".join(c.source for c in nb.cells if c.cell_type == "code")
     assert 'pip install -q -e ".[unsloth]"' in code
-    assert 'f"{RUN}/data/curated_r1.jsonl"' in code and "expected_score" in code
+    assert 'f"{RUN}/data/scored_r1.jsonl"' in code and 'scored["kept"]' in code and "expected_score" in code
     assert 'adapter="m0"' in code and 'adapter="m1"' in code and "minibt.open_run(RUN)" in code
     assert "upload_folder(" in code and "/content/drive" in code
     for cell in nb.cells:  # what needs Colab runs only there, so the notebook runs elsewhere (tests/test_notebook.py)
