@@ -40,6 +40,7 @@ def sha256(path: Path) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--run", help="a finished run: its m0, recipe and threshold")
+    ap.add_argument("--adapter", help="an m0 adapter folder trained on the NF4 base (instead of training one here)")
     ap.add_argument("--model", default=REAL)
     ap.add_argument("--pairs", help="JSONL rows with instruction and output (default: built from IFEval's prompts)")
     ap.add_argument("--n-pairs", type=int, default=100)
@@ -70,7 +71,7 @@ def main() -> None:
         adapter, threshold = rd.adapter("m0"), round_threshold(rd, recipe, 1)
     else:
         recipe = load_recipe(HERE.parent.parent / "recipes" / "cpu-135m.yaml", [f"model.name={args.model}"])
-        adapter, threshold = work / "m0", recipe.curate.threshold
+        adapter, threshold = Path(args.adapter or work / "m0"), recipe.curate.threshold
     model_cfg = recipe.model
     ifeval = [r["prompt"] for r in io.read_jsonl(HERE / "data" / "ifeval" / "input_data.jsonl") if len(r["prompt"]) < 400]
     held_out = ifeval[-args.n_prompts:]  # the export's prompts: in no training or curation row
@@ -82,7 +83,7 @@ def main() -> None:
         pairs = io.read_jsonl(args.pairs)[: args.n_pairs]
         result["pairs"] = {"source": args.pairs}
     else:
-        n_train = 0 if args.run else 40
+        n_train = 0 if args.run or args.adapter else 40
         instructions = ifeval[: n_train + args.n_pairs]
         rendered = [nf4.render([{"role": "user", "content": i}]) for i in instructions]
         t0 = time.time()
@@ -94,7 +95,7 @@ def main() -> None:
         result["pairs"] = {"source": "IFEval prompts (bench/real/data/ifeval) with the base's greedy answers, "
                                      f"{shift} of them mismatched", "answer_seconds": round(time.time() - t0, 1)}
         io.write_jsonl(work / "pairs.jsonl", pairs)
-        if not args.run:
+        if not (args.run or args.adapter):
             train = dataclasses.replace(recipe.forward, max_steps=args.steps, epochs=3.0, save_steps=0)
             rows = [{"prompt": forward_prompt(nf4, recipe, r["instruction"]), "completion": r["output"]} for r in seed]
             t0 = time.time()
@@ -113,6 +114,7 @@ def main() -> None:
         t0 = time.time()
         scores[name] = np.array([r["score"] for r in score_pairs(engine, recipe, "m0", pairs)], dtype=np.float64)
         seconds[name] = round(time.time() - t0, 1)
+        io.write_json(work / "scores.json", {k: v.tolist() for k, v in scores.items()})  # what a killed run leaves
 
     score("hf_nf4", nf4)
     answers = {"nf4_adapter": nf4.generate("m0", forward, max_new_tokens=args.answer_tokens, batch_size=8)}
@@ -180,7 +182,8 @@ def main() -> None:
         name: sum(a == b for a, b in zip(answers[name], answers["nf4_adapter"])) for name, _, _ in exports}}
     result["export"]["examples"] = [{k: v[i] for k, v in answers.items()} for i in range(2)]
     result["seconds"] = round(time.time() - t_start, 1)
-    result["command"] = "MINIBT_CACHE=/work/cache python bench/real/engine_agreement.py" + (f" --run {args.run}" if args.run else "")
+    result["command"] = "MINIBT_CACHE=/work/cache python bench/real/engine_agreement.py" + "".join(
+        f" --{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None and v != ap.get_default(k))
     io.write_json(args.out, result)
     print(json.dumps({k: result[k] for k in ("rubric", "export")}, indent=2))
 
