@@ -74,8 +74,6 @@ def test_the_merged_weights_are_the_nf4_base_plus_adapter(finished_run, tmp_path
 def test_the_export_answers_as_the_run_does(finished_run, tmp_path):
     """Greedy answers of the merged fp32 folder (no minibt adapter, 16-bit engine) equal the run's m1 on its
     4-bit base, prompt for prompt."""
-    from conftest import FINISHED_SEED
-
     from minibt import open_run
     from minibt.engine import Engine
     from minibt.recipe import LoraSection, ModelSection
@@ -85,7 +83,7 @@ def test_the_export_answers_as_the_run_does(finished_run, tmp_path):
     _export(run, out, "--dtype", "float32")
     session = open_run(run, adapters=["m1"])
     things = ["king", "queen", "river", "city", "mountain", "sea", "sky", "tree"]
-    questions = [r["instruction"] for r in FINISHED_SEED[:4]] + [f"Tell me about the {t}." for t in things]
+    questions = [f"What is the color of the {t}?" for t in things[:4]] + [f"Tell me about the {t}." for t in things]
     rendered = [session.prompt(q) for q in questions]
     want = session.engine.generate("m1", rendered, max_new_tokens=12, batch_size=4)
     merged = Engine.load(ModelSection(name=str(out), quantization="none", dtype="float32", max_length=1024), LoraSection(r=4), seed=0)
