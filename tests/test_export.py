@@ -85,10 +85,17 @@ def test_the_export_answers_as_the_run_does(finished_run, tmp_path):
     things = ["king", "queen", "river", "city", "mountain", "sea", "sky", "tree"]
     questions = [f"What is the color of the {t}?" for t in things[:4]] + [f"Tell me about the {t}." for t in things]
     rendered = [session.prompt(q) for q in questions]
-    want = session.engine.generate("m1", rendered, max_new_tokens=12, batch_size=4)
-    merged = Engine.load(ModelSection(name=str(out), quantization="none", dtype="float32", max_length=1024), LoraSection(r=4), seed=0)
-    got = merged.generate("base", rendered, max_new_tokens=12, batch_size=4)
-    assert got == want
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one summation order on both sides: the suite's earlier tests may leave another
+    try:
+        want = session.engine.generate("m1", rendered, max_new_tokens=12, batch_size=4)
+        merged = Engine.load(ModelSection(name=str(out), quantization="none", dtype="float32", max_length=1024), LoraSection(r=4), seed=0)
+        got = merged.generate("base", rendered, max_new_tokens=12, batch_size=4)
+    finally:
+        torch.set_num_threads(threads)
+    # W + BA merged is not the same float sum as W x + B(A x): a near-tie may flip one greedy answer of 12
+    # (seen once in a full-suite run); merging into the original weights instead changes most of them
+    assert sum(g == w for g, w in zip(got, want)) >= len(want) - 1, list(zip(got, want))
 
 
 def test_export_refuses_to_overwrite_and_names_unknown_adapters(finished_run, tmp_path):
