@@ -34,6 +34,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT / "bench" / "real" / "data"
 RESULTS = ROOT / "bench" / "results"
+SECTIONS = ("prepare", "backward", "curation", "forward")
 ZERO_SHOT = ("Here is a text:\n\n{text}\n\nWrite the instruction or question that this text is the answer to. "
              "Reply with the instruction only.")
 
@@ -113,99 +114,126 @@ def keep_stats(rows: list[dict[str, Any]], kept: list[bool]) -> dict[str, Any]:
             "keep_rates": rate}
 
 
-def evaluate(run_dir: Path, ifeval_limit: int, ifeval_tokens: int) -> dict[str, Any]:
+def evaluate(run_dir: Path, ifeval_limit: int, ifeval_tokens: int, done: dict[str, Any] | None = None,
+             sections: tuple[str, ...] = SECTIONS) -> dict[str, Any]:
+    """The sections asked for, each measured once: those in `done` (an earlier result) are kept."""
     import torch
 
-    from minibt import io
     from minibt.engine import BASE
-    from minibt.ifeval import ifeval
-    from minibt.roles import forward_prompt, keeps, round_threshold, score_pairs
     from minibt.session import open_run
-    from minibt.stages.augment import copies_output
 
     torch.set_num_threads(1)
+    out: dict[str, Any] = {"timings": {}, **(done or {})}
+    todo = [name for name in sections if name not in out]
+    if not todo:
+        return out
     forward = [BASE, "m0", "m1"] + (["m1_uncurated"] if (run_dir / "adapters" / "m1_uncurated").is_dir() else [])
-    session = open_run(run_dir, adapters=["myx", *forward[1:]])
-    engine, recipe = session.engine, session.recipe
-    out: dict[str, Any] = {"timings": {}}
+    session = open_run(run_dir, adapters=["myx", "m0"] + (forward[2:] if "forward" in todo else []))
+    measure = {"prepare": prepare_metrics, "backward": backward_metrics, "curation": curation_metrics,
+               "forward": lambda s, t: forward_metrics(s, t, forward, ifeval_limit, ifeval_tokens)}
+    for name in todo:
+        out[name] = measure[name](session, out["timings"])
+    return out
 
-    # prepare: what the corpus filters (before any model) did to each label
+
+def prepare_metrics(session: Any, timings: dict[str, float]) -> dict[str, Any]:
+    """What the corpus filters (before any model) did to each label."""
+    from minibt import io
+
     given = read_jsonl(DATA / "corpus.jsonl")
     kept_texts = {r["text"].strip() for r in io.read_jsonl(session.run.data("corpus"))}
-    out["prepare"] = {label: {"n": sum(r["label"] == label for r in given),
-                              "kept": sum(r["label"] == label and r["text"].strip() in kept_texts for r in given)}
-                      for label in ("good", "web", "bad")}
+    return {label: {"n": sum(r["label"] == label for r in given),
+                    "kept": sum(r["label"] == label and r["text"].strip() in kept_texts for r in given)}
+            for label in ("good", "web", "bad")}
 
-    # backward: the held-out responses went into the corpus; their true instructions stayed aside
+
+def backward_metrics(session: Any, timings: dict[str, float]) -> dict[str, Any]:
+    """myx's instructions for the held-out responses (they went into the corpus; their true instructions
+    stayed aside) against the truth, beside the base asked zero-shot and the first sentence."""
+    from minibt import io
+    from minibt.engine import BASE
+    from minibt.stages.augment import copies_output
+
+    engine, recipe = session.engine, session.recipe
     truth = {r["output"].strip(): r["instruction"] for r in read_jsonl(DATA / "heldout.jsonl")}
-    augmented = [r for r in io.read_jsonl(session.run.data("augmented")) if r.get("kind") == "heldout"]
-    pairs = [(truth[r["output"].strip()], r["instruction"]) for r in augmented if r["output"].strip() in truth]
+    augmented = [r for r in io.read_jsonl(session.run.data("augmented"))
+                 if r.get("kind") == "heldout" and r["output"].strip() in truth]
+    pairs = [(truth[r["output"].strip()], r["instruction"]) for r in augmented]
+    texts = [r["output"] for r in augmented]
     t0 = time.time()
-    texts = [r["output"] for r in augmented if r["output"].strip() in truth]
     prompts = [engine.render([{"role": "user", "content": ZERO_SHOT.format(text=engine.clip_text(t, 400))}]) for t in texts]
     zero_shot = engine.generate(BASE, prompts, max_new_tokens=recipe.augment.max_new_tokens, batch_size=16)
-    out["timings"]["zero_shot_s"] = round(time.time() - t0, 1)
-    requests = [bool(h.strip()) and not copies_output(h, t) for (_, h), t in zip(pairs, texts)]
-    out["backward"] = {
+    timings["zero_shot_s"] = round(time.time() - t0, 1)
+
+    def requests(written: list[str]) -> float:
+        return round(statistics.fmean(bool(w.strip()) and not copies_output(w, t) for w, t in zip(written, texts)), 4)
+
+    return {
         "n": len(pairs),
         "rouge_l": {"myx": rouge_l(pairs), "base_zero_shot": rouge_l([(ref, z) for (ref, _), z in zip(pairs, zero_shot)]),
                     "first_sentence": rouge_l([(ref, first_sentence(t)) for (ref, _), t in zip(pairs, texts)])},
-        "request_share": {"myx": round(statistics.fmean(requests), 4),
-                          "base_zero_shot": round(statistics.fmean(bool(z.strip()) and not copies_output(z, t)
-                                                                   for z, t in zip(zero_shot, texts)), 4)},
+        "request_share": {"myx": requests([h for _, h in pairs]), "base_zero_shot": requests(zero_shot)},
         "examples": [{"true": ref, "myx": h, "base_zero_shot": z, "text": t[:200]}
                      for (ref, h), z, t in list(zip(pairs, zero_shot, texts))[:8]],
     }
 
-    # curation: the run's own rubric scores (curator m0) against the labels
+
+def curation_metrics(session: Any, timings: dict[str, float]) -> dict[str, Any]:
+    """The run's own rubric scores (curator m0) against the corpus labels; the likelihood curator on the
+    same pairs; the rubric on fixed labelled pairs without myx in the loop."""
+    from minibt import io
+    from minibt.roles import keeps, round_threshold, score_pairs
+
+    engine, recipe = session.engine, session.recipe
     scored = [r for r in io.read_jsonl(session.run.data("scored_r1")) if "label" in r]
     threshold = round_threshold(session.run, recipe, 1)
     kept = [keeps(r["score"], threshold) for r in scored]
-    labelled = [r for r in scored if r["label"] in ("good", "bad")]
+
+    def separation(scores: list[float], rows: list[dict[str, Any]]) -> float | None:
+        return auc([x for x, r in zip(scores, rows) if r["label"] == "good"], [x for x, r in zip(scores, rows) if r["label"] == "bad"])
+
     rubric = keep_stats(scored, kept)
-    rubric.update(threshold=threshold, auc=auc([r["score"] for r in labelled if r["label"] == "good"],
-                                               [r["score"] for r in labelled if r["label"] == "bad"]))
+    rubric.update(threshold=threshold, auc=separation([r["score"] for r in scored], scored),
+                  mean_score={label: round(statistics.fmean(r["score"] for r in scored if r["label"] == label), 4)
+                              for label in ("good", "web", "bad")})
     t0 = time.time()
     likelihood_recipe = dataclasses.replace(recipe, curate=dataclasses.replace(recipe.curate, method="likelihood"))
-    lik = score_pairs(engine, likelihood_recipe, "m0", [{"instruction": r["instruction"], "output": r["output"]} for r in scored])
-    cut = sorted((r["score"] for r in lik), reverse=True)[max(0, sum(kept) - 1)] if sum(kept) else float("inf")
-    likelihood = keep_stats(scored, [r["score"] >= cut for r in lik])
-    likelihood.update(auc=auc([s["score"] for s, r in zip(lik, scored) if r["label"] == "good"],
-                              [s["score"] for s, r in zip(lik, scored) if r["label"] == "bad"]),
-                      note="kept: the top pairs, as many as the rubric kept")
-    out["timings"]["likelihood_s"] = round(time.time() - t0, 1)
+    lik = [r["score"] for r in score_pairs(engine, likelihood_recipe, "m0",
+                                            [{"instruction": r["instruction"], "output": r["output"]} for r in scored])]
+    cut = sorted(lik, reverse=True)[sum(kept) - 1] if sum(kept) else float("inf")
+    likelihood = keep_stats(scored, [x >= cut for x in lik])
+    likelihood.update(auc=separation(lik, scored), note="kept: the top pairs, as many as the rubric kept")
+    timings["likelihood_s"] = round(time.time() - t0, 1)
     t0 = time.time()
     fixed = read_jsonl(DATA / "curation_pairs.jsonl")
-    fixed_scores = score_pairs(engine, recipe, "m0", [{"instruction": r["instruction"], "output": r["output"]} for r in fixed])
-    fixed_kept = [keeps(s["score"], threshold) for s in fixed_scores]
-    fixed_stats = keep_stats(fixed, fixed_kept)
-    fixed_stats.update(auc=auc([s["score"] for s, r in zip(fixed_scores, fixed) if r["label"] == "good"],
-                               [s["score"] for s, r in zip(fixed_scores, fixed) if r["label"] == "bad"]))
-    out["timings"]["fixed_pairs_s"] = round(time.time() - t0, 1)
-    out["curation"] = {"rubric": rubric, "likelihood": likelihood, "rubric_fixed_pairs": fixed_stats}
+    fixed_scores = [r["score"] for r in score_pairs(engine, recipe, "m0", [{"instruction": r["instruction"], "output": r["output"]} for r in fixed])]
+    fixed_stats = keep_stats(fixed, [keeps(x, threshold) for x in fixed_scores])
+    fixed_stats.update(auc=separation(fixed_scores, fixed))
+    timings["fixed_pairs_s"] = round(time.time() - t0, 1)
+    return {"rubric": rubric, "likelihood": likelihood, "rubric_fixed_pairs": fixed_stats}
 
-    # forward: reference answers' NLL on test pairs, and IFEval
+
+def forward_metrics(session: Any, timings: dict[str, float], adapters: list[str], ifeval_limit: int,
+                    ifeval_tokens: int) -> dict[str, Any]:
+    """Mean NLL per token of the test reference answers (pairs in neither seed nor corpus), and IFEval."""
+    from minibt.ifeval import ifeval
+    from minibt.roles import forward_prompt
+
+    engine, recipe = session.engine, session.recipe
     test = read_jsonl(DATA / "test.jsonl")
     t0 = time.time()
     prompts = [forward_prompt(engine, recipe, r["instruction"]) for r in test]
     nll = {a: round(-float(engine.completion_logprobs(a, prompts, [r["output"] for r in test], batch_size=8).mean()), 4)
-           for a in forward}
-    out["timings"]["nll_s"] = round(time.time() - t0, 1)
-    out["forward"] = {"test_nll": {"n": len(test), **nll}, "ifeval": {}}
-    del session, engine
-    for adapter in forward:
+           for a in adapters}
+    timings["nll_s"] = round(time.time() - t0, 1)
+    out: dict[str, Any] = {"test_nll": {"n": len(test), **nll}, "ifeval": {}}
+    for adapter in adapters:
         t0 = time.time()
-        summary, _ = ifeval(session_run(run_dir), adapter, data=DATA / "ifeval" / "input_data.jsonl", limit=ifeval_limit,
+        summary, _ = ifeval(session.run, adapter, data=DATA / "ifeval" / "input_data.jsonl", limit=ifeval_limit,
                             max_gen_toks=ifeval_tokens)
-        out["forward"]["ifeval"][adapter] = summary
-        out["timings"][f"ifeval_{adapter}_s"] = round(time.time() - t0, 1)
+        out["ifeval"][adapter] = summary
+        timings[f"ifeval_{adapter}_s"] = round(time.time() - t0, 1)
     return out
-
-
-def session_run(run_dir: Path) -> Any:
-    from minibt.rundir import RunDir
-
-    return RunDir.open(run_dir)
 
 
 def claims(r: dict[str, Any]) -> dict[str, bool]:
@@ -275,31 +303,34 @@ def main() -> None:
     parser.add_argument("--ifeval-max-tokens", type=int, default=128)
     parser.add_argument("--eval-only", action="store_true", help="evaluate finished runs again, without running the method")
     parser.add_argument("--uncurated", action="store_true", help="also train m1_uncurated (seed + every usable augmented pair)")
+    parser.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS,
+                        help="what to measure (with --eval-only, sections the result file holds are kept)")
     args = parser.parse_args()
     from minibt.bench.smollm2 import folder
 
     model = folder()
     for seed in args.seeds:
         run_dir = args.out / f"s{seed}"
-        previous = RESULTS / f"real-s{seed}.json"
-        if args.eval_only:
-            wall = json.loads(previous.read_text())["method_wall_s"] if previous.is_file() else float("nan")
-        else:
-            wall = run_method(model, seed, run_dir)
+        path = RESULTS / f"real-s{seed}.json"
+        done = {}
+        if args.eval_only and path.is_file():
+            done = {k: v for k, v in json.loads(path.read_text()).items() if k in SECTIONS or k == "timings"}
+        elif not args.eval_only:
+            run_method(model, seed, run_dir)
         uncurated_s = train_uncurated(run_dir) if args.uncurated else 0.0
-        t0 = time.time()
-        result = evaluate(run_dir, args.ifeval_limit, args.ifeval_max_tokens)
-        result.update(seed=seed, run=str(run_dir), method_wall_s=round(wall, 1), eval_wall_s=round(time.time() - t0, 1),
-                      stages_s={**stage_seconds(run_dir), **({"m1_uncurated": round(uncurated_s, 1)} if uncurated_s else {})},
-                      ifeval_subset=f"first {args.ifeval_limit} of 541 prompts",
-                      ifeval_max_tokens=args.ifeval_max_tokens, claims=None)
-        result["claims"] = claims(result)
+        result = evaluate(run_dir, args.ifeval_limit, args.ifeval_max_tokens, done, tuple(args.sections))
+        stages = {**stage_seconds(run_dir), **({"m1_uncurated": round(uncurated_s, 1)} if uncurated_s else {})}
+        result.update(seed=seed, run=str(run_dir), stages_s=stages,
+                      method_wall_s=round(sum(v for k, v in stages.items() if k != "m1_uncurated"), 1),
+                      ifeval_subset=f"first {args.ifeval_limit} of 541 prompts", ifeval_max_tokens=args.ifeval_max_tokens)
+        complete = all(k in result for k in SECTIONS)
+        result["claims"] = claims(result) if complete else None
         RESULTS.mkdir(parents=True, exist_ok=True)
-        (RESULTS / f"real-s{seed}.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
-        print(json.dumps({k: result[k] for k in ("backward", "claims")}, indent=1)[:3000], flush=True)
-        done = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("real-s*.json"))]
-        (RESULTS / "real.md").write_text(table(done), encoding="utf-8")
-
+        path.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+        print(json.dumps({k: result.get(k) for k in ("backward", "claims")}, indent=1)[:3000], flush=True)
+        finished = [r for r in (json.loads(p.read_text()) for p in sorted(RESULTS.glob("real-s*.json"))) if r.get("claims")]
+        if finished:
+            (RESULTS / "real.md").write_text(table(finished), encoding="utf-8")
 
 if __name__ == "__main__":
     main()
