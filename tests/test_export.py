@@ -93,8 +93,8 @@ def test_the_export_answers_as_the_run_does(finished_run, tmp_path):
         got = merged.generate("base", rendered, max_new_tokens=12, batch_size=4)
     finally:
         torch.set_num_threads(threads)
-    # W + BA merged is not the same float sum as W x + B(A x): a near-tie may flip one greedy answer of 12
-    # (seen once in a full-suite run); merging into the original weights instead changes most of them
+    # W + BA merged is not the same float sum as W x + B(A x): a margin of one near-tie flip of 12;
+    # merging into the original weights instead matches none of them
     assert sum(g == w for g, w in zip(got, want)) >= len(want) - 1, list(zip(got, want))
 
 
