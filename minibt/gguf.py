@@ -8,14 +8,11 @@ template come from the file's own metadata: transformers' conversion takes eos f
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from minibt import io
 from minibt.errors import RecipeError
 
 log = logging.getLogger("minibt.engine")
@@ -28,10 +25,6 @@ _SPECIAL = {"bos_token": "bos_token_id", "eos_token": "eos_token_id", "pad_token
 
 def is_gguf(name: str | None) -> bool:
     return bool(name) and str(name).lower().endswith(".gguf")
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("MINIBT_CACHE") or Path.home() / ".cache" / "minibt")
 
 
 def read_metadata(path: str | Path) -> dict[str, Any]:
@@ -67,33 +60,14 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     return {"architecture": arch, "special_tokens": special, "chat_template": value("tokenizer.chat_template")}
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def converted_folder(path: str | Path, cache: Path | None = None) -> Path:
     """The safetensors folder of the GGUF file at `path`, converted on first use."""
     path = Path(path).expanduser().resolve()
     meta = read_metadata(path)
-    root = Path(cache or cache_dir()) / "gguf"
-    final = root / f"{path.stem}-{_sha256(path)[:16]}-v{FORMAT}"
+    final = Path(cache or io.cache_dir()) / "gguf" / f"{path.stem}-{io.digest(path)['sha256'][:16]}-v{FORMAT}"
     if final.is_dir():
         return final
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
-    try:
-        _convert(path, meta, tmp)
-        try:
-            os.replace(tmp, final)  # atomic: the folder appears whole or not at all
-        except OSError:
-            if not final.is_dir():  # else another process converted the same file first: use it
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    io.built_folder(final, lambda tmp: _convert(path, meta, tmp))
     log.info("converted %s to %s", path.name, final)
     return final
 

@@ -13,8 +13,6 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import json
-import os
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -22,7 +20,6 @@ from typing import Any
 from minibt import io
 from minibt.engine import BASE, compute_dtype, has_gpu
 from minibt.errors import DataError, MinibtError
-from minibt.gguf import cache_dir
 from minibt.rundir import RunDir
 
 INSTALL_EVAL = 'pip install "minibt[eval]"   (or: pip install "lm_eval[ifeval]")'
@@ -91,7 +88,7 @@ def ensure_punkt_tab() -> str:
         return str(nltk.data.find(PUNKT_TAB))
     except LookupError:
         pass
-    root = cache_dir() / "nltk_data"
+    root = io.cache_dir() / "nltk_data"
     if str(root) not in nltk.data.path:
         nltk.data.path.append(str(root))
     folder = root / PUNKT_TAB
@@ -125,21 +122,14 @@ def write_punkt_tab(folder: Path) -> None:
     """Write the files into a new folder beside `folder`, then rename it into place: nltk sees all four
     files or none, and of two processes writing at once the second's rename fails harmlessly."""
     files = punkt_tab_files()
+
+    def write(tmp: Path) -> None:
+        for name, text in files.items():
+            with open(tmp / name, "w", encoding="utf-8", newline="") as f:
+                f.write(text)
+
     with io.disk_errors(folder):
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-        try:
-            for name, text in files.items():
-                with open(tmp / name, "w", encoding="utf-8", newline="") as f:
-                    f.write(text)
-            tmp.chmod(0o755)
-            try:
-                os.rename(tmp, folder)
-            except OSError:
-                if not folder.is_dir():
-                    raise
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        io.built_folder(folder, write)
 
 
 def check_ifeval_data(data: str | Path) -> int:

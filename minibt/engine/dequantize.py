@@ -12,17 +12,15 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from minibt import io
 from minibt.engine.load import bnb_config, compute_dtype, load_base
 from minibt.errors import MinibtError
-from minibt.gguf import cache_dir
 from minibt.sections import ModelSection
 
 log = logging.getLogger("minibt.engine")
@@ -36,21 +34,10 @@ def dequantized_base(cfg: ModelSection, cache: Path | None = None) -> str:
     for a base the run loads unquantized (quantization `none`), `cfg.name` itself."""
     if cfg.quantization != "nf4":
         return cfg.name
-    root = Path(cache or cache_dir()) / "dequantized"
-    final = root / cache_key(cfg)
+    final = Path(cache or io.cache_dir()) / "dequantized" / cache_key(cfg)
     if final.is_dir():
         return str(final)
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
-    try:
-        _write(cfg, tmp)
-        try:
-            os.replace(tmp, final)  # atomic: the folder appears whole or not at all
-        except OSError:
-            if not final.is_dir():  # else another process wrote the same base first: use it
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    io.built_folder(final, lambda tmp: _write(cfg, tmp))
     log.info("dequantized %s (nf4) to %s", cfg.name, final)
     return str(final)
 

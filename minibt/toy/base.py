@@ -9,15 +9,12 @@ import hashlib
 import json
 import logging
 import math
-import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from minibt import prompts
+from minibt import io, prompts
 from minibt.toy.world import World, WorldConfig
 
 log = logging.getLogger("minibt.toy")
@@ -28,29 +25,18 @@ SPECIAL_TOKENS = ["<pad>", "<s>", "</s>"]
 MAX_POSITIONS = 1024  # RoPE has no position weights: room for the rubric prompt costs nothing
 
 
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("MINIBT_CACHE") or Path.home() / ".cache" / "minibt")
-
-
 def build_base(cfg: WorldConfig, world: World, cache_dir: Path | None = None) -> Path:
     """The folder of the pretrained toy base (model + tokenizer), built once per world and config."""
-    root = Path(cache_dir or default_cache_dir()) / "toy-base"
-    final = root / _cache_key(cfg, world)
+    final = Path(cache_dir or io.cache_dir()) / "toy-base" / _cache_key(cfg, world)
     if final.is_dir():
         return final
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
-    try:
+
+    def build(tmp: Path) -> None:
         tokenizer = train_tokenizer(cfg, world)
         tokenizer.save_pretrained(tmp)
         pretrain(cfg, world, tokenizer).save_pretrained(tmp)
-        try:
-            os.replace(tmp, final)  # atomic: the folder appears whole or not at all
-        except OSError:
-            if not final.is_dir():  # else another process built the same base first: use it
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    io.built_folder(final, build)
     log.info("toy base saved to %s", final)
     return final
 
