@@ -7,6 +7,8 @@ The engine calls these; each says which line of which library it answers.
 from __future__ import annotations
 
 import gc
+import importlib.abc
+import sys
 from typing import Any
 
 import torch
@@ -167,3 +169,37 @@ def require_device(device: str, toy: bool) -> None:
         raise MinibtError(f"model.device: torch {torch.__version__} sees no CUDA GPU, and this recipe would train on the "
                           "CPU for days; check `python -c 'import torch; print(torch.cuda.is_available())'` (a torch "
                           "built for another CUDA driver sees none), or set model.device=cpu to run on the CPU anyway")
+
+
+# --- 7. unsloth's import beside vLLM's CPU build ----------------------------------------------
+
+
+class _Hidden(importlib.abc.MetaPathFinder):
+    """A finder that says one module is not there."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> None:
+        if fullname == self.name:
+            raise ModuleNotFoundError(f"{fullname} is hidden while unsloth imports", name=fullname)
+        return None
+
+
+def import_unsloth() -> None:
+    """Import unsloth (it patches transformers and trl, so before they are imported).
+
+    unsloth/import_fixes.py `disable_broken_vllm` probes `vllm._C` whenever vLLM is installed. In vLLM's CPU build
+    that module is the AVX-512 BF16 kernel library, which vLLM itself loads only on CPUs that have those
+    instructions (vllm/platforms/cpu.py `import_kernels` takes _C_AVX2 otherwise); on any other CPU the probe
+    kills the process with SIGILL, before a line is printed. The probe skips a module it cannot find, so without
+    CUDA that one module is hidden while unsloth imports; vLLM's own import is untouched afterwards.
+    """
+    hidden = None if torch.cuda.is_available() else _Hidden("vllm._C")
+    if hidden is not None:
+        sys.meta_path.insert(0, hidden)
+    try:
+        import unsloth  # noqa: F401
+    finally:
+        if hidden is not None:
+            sys.meta_path.remove(hidden)

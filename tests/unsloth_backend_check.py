@@ -18,8 +18,10 @@ import torch
 torch.set_num_threads(1)  # two threads collapse throughput on 2-core VMs (STACK-NOTES)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from minibt.stack_guards import import_unsloth  # noqa: E402  imports no transformers
+
 t_start = time.time()
-import unsloth  # noqa: E402,F401  before transformers, as unsloth asks
+import_unsloth()  # before transformers, as unsloth asks; the way the engine imports it
 
 t_import = time.time() - t_start
 

@@ -40,7 +40,7 @@ def resolve_backend(requested: str) -> str:
 def import_backend(requested: str) -> None:
     """Import unsloth before anything imports transformers, when unsloth will be used (it patches them)."""
     if resolve_backend(requested) == "unsloth":
-        import unsloth  # noqa: F401
+        guards.import_unsloth()
 
 
 def compute_dtype(name: str) -> torch.dtype:
