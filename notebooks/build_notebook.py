@@ -51,6 +51,7 @@ local clone to `/content/minibt` and skip the `git clone` line.
     !git clone https://github.com/OWNER/minibt.git  # placeholder URL: see above
     %cd /content/minibt
     !pip install -q -e ".[unsloth]"
+    !pip install -q -e ".[serve]"  # FastAPI and uvicorn, for `minibt serve` below
     # !pip install -q -e ".[vllm]"  # optional: augment and curate on vLLM (README, "Inference engines"); not verified on a GPU by this project"""),
     ("md", """Optional: keep the run directory on Google Drive, so a disconnected session resumes where it
 stopped (the run writes every file atomically; Drive is slower than the local disk)."""),
@@ -102,6 +103,35 @@ m0 = s.generate(questions, adapter="m0", max_new_tokens=MAX_NEW_TOKENS)
 m1 = s.generate(questions, adapter="m1", max_new_tokens=MAX_NEW_TOKENS)
 for q, a, b in zip(questions, m0, m1):
     print(f"### {q}\\n--- m0 ---\\n{a}\\n--- m1 ---\\n{b}\\n")"""),
+    ("md", """## Serve the run
+
+`minibt serve` puts the run's adapters behind an OpenAI-compatible endpoint (README, "Serve a run"): a
+request's `model` names the adapter. The cell starts it in the background, asks `m0` and `m1` the same
+question with the `openai` client, and stops it."""),
+    ("code", """import subprocess
+import time
+
+import httpx
+from openai import OpenAI
+
+server = subprocess.Popen(["minibt", "serve", RUN, "--port", "8000"])  # 127.0.0.1 only; --engine hf|vllm to choose
+url = "http://127.0.0.1:8000/v1"
+for _ in range(600):  # until it answers: the base loads first (a vLLM server takes minutes)
+    try:
+        httpx.get(f"{url}/models")
+        break
+    except httpx.TransportError:
+        assert server.poll() is None, "minibt serve stopped: its output is in the notebook's log"
+        time.sleep(1)
+else:
+    raise TimeoutError("minibt serve did not answer in 10 minutes")
+client = OpenAI(base_url=url, api_key="unused")
+for model in ("m0", "m1"):
+    reply = client.chat.completions.create(model=model, messages=[{"role": "user", "content": questions[0]}],
+                                           max_tokens=MAX_NEW_TOKENS)
+    print(f"{model} (served): {reply.choices[0].message.content}\n")
+server.terminate()  # SIGTERM: it finishes what it was answering and stops
+server.wait()"""),
     ("md", """## Save the adapters
 
 Each adapter is a plain PEFT folder (safetensors, tokenizer and chat template), so
