@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check of issue 16 in ONE device call (under 8 minutes): bench/device_check.py, one JSON under $OUT.
+# The GPU check in ONE device call (under 8 minutes): bench/device_check.py, one JSON under $OUT.
 #   On the device machine, from the repository root, with the wheels of bench/gpu.md in .whl/ (carry: [".whl"]):
 #     bash bench/device-check.sh
 # Without CUDA it stops at once with exit 3 and one line saying why (tests/test_device_check.py).

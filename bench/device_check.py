@@ -1,4 +1,4 @@
-"""The GPU check of issue 16, for the day a GPU machine is lent: `bench/device-check.sh` runs it.
+"""The GPU check, for the day a GPU machine is lent: `bench/device-check.sh` runs it.
 
     python bench/device_check.py OUT_DIR           # every check in order, one JSON: OUT_DIR/device-check.json
     python bench/device_check.py --part NAME ...   # one part, in its own process (the script calls these)
@@ -60,15 +60,15 @@ def part_fp16(model_dir: str, work: str, backend: str) -> dict:
     out["lora_dtypes"] = sorted({str(p.dtype) for n, p in e.model.named_parameters() if ".m0." in n})
     out["autocast_wrapper_left"] = "_original_forward" in e.model.__dict__
     prompts = [p["prompt"] + " north" * k for k, p in enumerate(pairs(e, 8))]
-    batched = e.generate("m0", prompts, max_new_tokens=12, batch_size=8)
-    single = [e.generate("m0", [p], max_new_tokens=12)[0] for p in prompts]
+    batched = e.infer.generate("m0", prompts, max_new_tokens=12, batch_size=8)
+    single = [e.infer.generate("m0", [p], max_new_tokens=12)[0] for p in prompts]
     out["generation_batched_equals_single"] = sum(a == b for a, b in zip(batched, single))
     caches: list = []
     hook = e.model.get_base_model().register_forward_hook(lambda m, a, o: caches.append(getattr(o, "past_key_values", None)))
     probs, _ = e.infer.variant(prefix_cache=False).next_token_probs("m0", prompts, "Score:", list("12345"), batch_size=8)
     hook.remove()
     out["scoring_kv_caches"] = sum(c is not None for c in caches)
-    one = [e.next_token_probs("m0", [p], "Score:", list("12345"))[0][0] for p in prompts]
+    one = [e.infer.next_token_probs("m0", [p], "Score:", list("12345"))[0][0] for p in prompts]
     out["scoring_batched_vs_single_max_abs"] = float(max(abs(a - b).max() for a, b in zip(probs, one)))
     e.save_adapter("m0", os.path.join(work, "saved-m0"))
     fresh = subprocess.run([sys.executable, __file__, "--part", "fresh_scores", model_dir, work, backend, json.dumps(prompts)],
@@ -90,7 +90,7 @@ def part_fresh_scores(model_dir: str, work: str, backend: str, prompts: str) -> 
 
     e = Engine.load(ModelSection(name=model_dir, backend=backend, max_length=256, dtype="float16"), LoraSection(r=8, alpha=16))
     e.load_adapter("m0", os.path.join(work, "saved-m0"))
-    return {"probs": e.next_token_probs("m0", json.loads(prompts), "Score:", list("12345"), batch_size=8)[0].tolist()}
+    return {"probs": e.infer.next_token_probs("m0", json.loads(prompts), "Score:", list("12345"), batch_size=8)[0].tolist()}
 
 
 def part_out_of_memory(model_dir: str, work: str) -> dict:

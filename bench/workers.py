@@ -1,4 +1,4 @@
-"""Self-augmentation on 2 workers (this process and a Ray actor) against 1, side by side in one run (issue 18).
+"""Self-augmentation on 2 workers (this process and a Ray actor) against 1, side by side in one run.
 
     minibt run recipes/toy.yaml --out runs/toy                 # any finished run with myx (or past augment)
     python bench/workers.py --run runs/toy                     # -> bench/results/workers-cpu.json
@@ -119,7 +119,7 @@ def main() -> None:
 
     two = dataclasses.replace(recipe, inference=dataclasses.replace(recipe.inference, workers=2))
     t0 = time.perf_counter()
-    pool = RayWorkers(two, engine, engine.model_cfg.name)  # this process's engine and one Ray actor
+    pool = RayWorkers(two, engine.infer, engine.model_cfg.name)  # this process's engine and one Ray actor
     pool.start()
     import ray
 
@@ -139,7 +139,7 @@ def main() -> None:
         two_foreign: list[float] = []
         one_foreign: list[float] = []
         out2, out1, two_s, one_s = interleaved_pairs(foreign_cpu(lambda: augment_on(pool), two_foreign),
-                                                     foreign_cpu(lambda: augment_on(InProcess(engine)), one_foreign), args.pairs, 1)
+                                                     foreign_cpu(lambda: augment_on(InProcess(engine.infer)), one_foreign), args.pairs, 1)
         two_foreign = two_foreign[1:]  # the untimed first pass
     finally:
         pool.close()

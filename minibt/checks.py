@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import typing
-from typing import Any, Optional
+from typing import Any
 
 from minibt.errors import RecipeError
 
@@ -23,12 +23,12 @@ def in_range(key: str, v: float, lo: float, hi: float, low_open: bool = False) -
         raise RecipeError(f"{key}: must be in {'(' if low_open else '['}{lo}, {hi}], got {v}")
 
 
-def one_source(key: str, path: Optional[str], dataset: Optional[str]) -> None:
+def one_source(key: str, path: str | None, dataset: str | None) -> None:
     if path and dataset:
         raise RecipeError(f"{key}: give path or dataset, not both")
 
 
-def changed(obj: Any, *names: str) -> Optional[str]:
+def changed(obj: Any, *names: str) -> str | None:
     """The first of `names` whose value differs from the dataclass default: a key the recipe set
     (spelling a default out is not setting it)."""
     for f in dataclasses.fields(obj):

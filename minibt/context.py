@@ -7,7 +7,7 @@ Hugging Face cache); otherwise from ~4 characters a token, marked "~". Nothing i
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from collections.abc import Callable
 
 from minibt import prompts
 from minibt.prompts import CHAT_TEMPLATE
@@ -64,6 +64,6 @@ def fit_notes(recipe: Recipe) -> list[str]:
     return notes
 
 
-def describe(recipe: Recipe) -> Optional[str]:
+def describe(recipe: Recipe) -> str | None:
     notes = fit_notes(recipe)
     return "context (model.max_length):\n" + "\n".join(f"  warning: {n}" for n in notes) if notes else None

@@ -17,13 +17,14 @@ import dataclasses
 import json
 import logging
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
 from minibt import io, prompts
-from minibt.engine import BASE, BaseOnly, Engine, HFInference, Inference, load_base
+from minibt.engine import BASE, BaseOnly, HFInference, Inference, load_base
 from minibt.errors import MinibtError
 from minibt.ifeval import ifeval, require_ifeval
 from minibt.rundir import RunDir
@@ -112,9 +113,10 @@ def load_judge(name: str, quantization: str = "none", trust_remote_code: bool = 
 
 def judge_prompts(judge: Inference, instruction: str, first: str, second: str) -> str:
     """The rendered judge prompt, each answer clipped so the whole fits the judge's context."""
-    overhead = judge.count_tokens(judge.render(prompts.judge_messages(instruction, "", ""))) + 8
-    budget = max(16, (judge.model_cfg.max_length - overhead) // 2)
-    return judge.render(prompts.judge_messages(instruction, judge.clip_text(first, budget), judge.clip_text(second, budget)))
+    text = judge.text
+    overhead = text.count_tokens(text.render(prompts.judge_messages(instruction, "", ""))) + 8
+    budget = max(16, (text.max_length - overhead) // 2)
+    return text.render(prompts.judge_messages(instruction, text.clip_text(first, budget), text.clip_text(second, budget)))
 
 
 def prefer_first(judge: Inference, adapter: str, triples: Sequence[tuple[str, str, str]], batch_size: int = 8,
@@ -126,7 +128,7 @@ def prefer_first(judge: Inference, adapter: str, triples: Sequence[tuple[str, st
     return probs[:, 0]
 
 
-def pairwise(engine: Engine, recipe: Any, instructions: Sequence[str], a: str, b: str, *, max_new_tokens: int,
+def pairwise(engine: Inference, recipe: Any, instructions: Sequence[str], a: str, b: str, *, max_new_tokens: int,
              judge: Inference | None = None, judge_adapter: str = BASE, judge_name: str | None = None,
              batch_size: int = 8) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Win rate of adapter `a` over adapter `b` on `instructions`; returns (summary, per-instruction rows)."""
@@ -135,7 +137,7 @@ def pairwise(engine: Engine, recipe: Any, instructions: Sequence[str], a: str, b
     from minibt.roles import forward_prompt
 
     judge = judge or engine
-    rendered = [forward_prompt(engine, recipe, i) for i in instructions]
+    rendered = [forward_prompt(engine.text, recipe, i) for i in instructions]
     answers = {}
     for name in (a, b):
         with tqdm(total=len(rendered), desc=f"eval: {name} answers", unit="row", dynamic_ncols=True) as bar:

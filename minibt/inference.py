@@ -12,8 +12,12 @@ from __future__ import annotations
 import datetime as dt
 import importlib.util
 import logging
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
+if TYPE_CHECKING:
+    from minibt.engine.interface import Inference
+    from minibt.engine.vllm import VllmEngine
 
 log = logging.getLogger("minibt")
 
@@ -33,13 +37,13 @@ def choose(cfg: Any) -> tuple[str, str]:
     return "vllm", "auto: vllm is installed and a GPU is present"
 
 
-def start_vllm(recipe: Any, model_cfg: Any) -> Any:
+def start_vllm(recipe: Any, model_cfg: Any) -> VllmEngine:
     from minibt.engine.vllm import VllmEngine
 
     return VllmEngine.start(model_cfg, recipe.lora, recipe.inference, seed=recipe.run.seed)
 
 
-def open_inference(recipe: Any, recorded: str | None = None) -> Any:
+def open_inference(recipe: Any, recorded: str | None = None) -> Inference:
     """The inference engine of a finished or running run, for minibt generate/chat/eval and the Python API."""
     from minibt.base_model import model_of, open_engine
 
@@ -47,16 +51,16 @@ def open_inference(recipe: Any, recorded: str | None = None) -> Any:
     log.info("inference engine: %s (%s)", engine, why)
     if engine == "vllm":
         return start_vllm(recipe, model_of(recipe, recorded))
-    return open_engine(recipe, recorded)
+    return open_engine(recipe, recorded).infer
 
 
 class RunInference:
     """A run's inference engine: the run's HF engine itself, or a vLLM engine started on first use."""
 
-    def __init__(self, rd: Any, recipe: Any, hf: Callable[[], Any]):
+    def __init__(self, rd: Any, recipe: Any, hf: Callable[[], Inference]):
         self.rd, self.recipe, self.hf = rd, recipe, hf
         self._choice: tuple[str, str] | None = None  # (engine, why), chosen when first asked
-        self._vllm: Any = None
+        self._vllm: VllmEngine | None = None
 
     @property
     def separate(self) -> bool:
@@ -65,7 +69,7 @@ class RunInference:
             self._choice = choose(self.recipe.inference)
         return self._choice[0] == "vllm"
 
-    def engine(self) -> Any:
+    def engine(self) -> Inference:
         if not self.separate:
             return self.hf()
         if self._vllm is None:

@@ -37,7 +37,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from minibt.recipe import Recipe
 from minibt.worlds import world_of
@@ -124,7 +124,7 @@ KNOWN_SHAPES: list[tuple[str, str, Shape]] = [
 ]
 
 
-def known_shape(name: str) -> Optional[tuple[str, Shape]]:
+def known_shape(name: str) -> tuple[str, Shape] | None:
     low = name.lower()
     for pattern, label, shape in KNOWN_SHAPES:
         if re.search(pattern, low):
@@ -161,7 +161,7 @@ def shape_from_config(cfg: Any) -> Shape:
 # --- finding the config without loading the model -------------------------------------------
 
 
-def _download_config(name: str, revision: Optional[str]) -> dict[str, Any]:
+def _download_config(name: str, revision: str | None) -> dict[str, Any]:
     """config.json from the hub: one request with a short timeout, no retries (offline is common)."""
     from huggingface_hub import get_session, hf_hub_url
     from huggingface_hub.utils import build_hf_headers
@@ -172,7 +172,7 @@ def _download_config(name: str, revision: Optional[str]) -> dict[str, Any]:
     return response.json()
 
 
-def load_config(name: str, revision: Optional[str] = None) -> Optional[dict[str, Any]]:
+def load_config(name: str, revision: str | None = None) -> dict[str, Any] | None:
     """The model's config.json as a dict (local folder, HF cache, or the hub), or None if out of reach."""
     folder = Path(name).expanduser()
     if (folder / "config.json").is_file():
@@ -201,7 +201,7 @@ def _with_defaults(raw: dict[str, Any]) -> Any:
         return raw
 
 
-def find_shape(recipe: Recipe) -> tuple[Optional[Shape], str]:
+def find_shape(recipe: Recipe) -> tuple[Shape | None, str]:
     """(shape, where it came from) or (None, why there is none)."""
     world = world_of(recipe)
     if world is not None:
@@ -238,13 +238,13 @@ class StageMemory:
 class MemoryEstimate:
     model: str
     source: str  # where the shape came from, or why there is no estimate
-    shape: Optional[Shape] = None
+    shape: Shape | None = None
     stages: list[StageMemory] = dataclasses.field(default_factory=list)
     lora_params: int = 0
     max_length: int = 0
 
     @property
-    def peak(self) -> Optional[StageMemory]:
+    def peak(self) -> StageMemory | None:
         return max(self.stages, key=lambda s: s.total) if self.stages else None
 
 
@@ -329,7 +329,7 @@ def vllm_bytes(recipe: Recipe, shape: Shape, weights: int, lora: int, c: int) ->
     return weights + cfg.max_loras * lora * c + kv + GiB
 
 
-def estimate(recipe: Recipe, stages: Optional[list[Any]] = None) -> MemoryEstimate:
+def estimate(recipe: Recipe, stages: list[Any] | None = None) -> MemoryEstimate:
     """The memory estimate of a recipe. Reads at most the model's config.json; loads no weights."""
     from minibt.pipeline import stages as declared
 

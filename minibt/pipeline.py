@@ -12,9 +12,11 @@ run directory's manifest; a rerun skips what is done and resumes what is not.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
+from minibt.base_model import open_engine
 from minibt.engine import BASE, Engine, import_backend
 from minibt.recipe import Recipe
 from minibt.rundir import RunDir
@@ -26,7 +28,6 @@ from minibt.stages.forward import taught, train_forward
 from minibt.stages.prepare import prepare
 from minibt.stages.rewrite import rewrite, rewrite_adapter
 from minibt.stages.stage import Context, Stage, run_stage
-from minibt.base_model import open_engine
 from minibt.worlds import world_of
 
 log = logging.getLogger("minibt")

@@ -24,9 +24,10 @@ import os
 import signal
 import tempfile
 import threading
+from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from minibt.errors import MinibtError
 from minibt.workers import Task, Work, Workers, run_task
@@ -296,10 +297,11 @@ class _Worker:
 
             torch.set_num_threads(self.recipe.run.threads)  # what the driver's CLI sets for itself
             if self.factory is None:
-                from minibt.base_model import open_engine as factory  # the run's one (HF) engine factory
+                from minibt.base_model import open_engine  # the run's one (HF) engine factory
+
+                self.engine = open_engine(self.recipe, self.base_model).infer
             else:
-                factory = self.factory
-            self.engine = factory(self.recipe, self.base_model)
+                self.engine = self.factory(self.recipe, self.base_model)
             # the first generation pays torch's one-off start (1.5 s of 2.0 for 64 toy texts): now, while
             # the driver trains, not in this worker's first shard
             self.engine.generate("base", ["warm up"], max_new_tokens=2)

@@ -14,14 +14,14 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 import yaml
 
 from minibt import worlds
 from minibt.checks import looks_local, unused
-from minibt.gguf import is_gguf, read_metadata
 from minibt.errors import RecipeError
+from minibt.gguf import is_gguf, read_metadata
 from minibt.sections import (  # noqa: F401 - re-exported: `from minibt.recipe import ModelSection` is the public name
     AugmentSection,
     CorpusSection,
@@ -53,7 +53,7 @@ class Recipe:
     # a new section: its dataclass in minibt/sections.py and a field here
     # a world's section (minibt/worlds.py), e.g. the toy world's `toy:`: that world's own dataclass,
     # written under its section's key; None on real data
-    world: Optional[Any] = field(default=None, metadata={"key": False})
+    world: Any | None = field(default=None, metadata={"key": False})
 
     def to_dict(self) -> dict[str, Any]:
         out = {f.name: dataclasses.asdict(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "world"}

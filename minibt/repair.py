@@ -18,6 +18,7 @@ from minibt import io
 from minibt.errors import MinibtError
 from minibt.rundir import RunDir
 
+
 def repair(path: str | Path) -> list[str]:
     """Write a new manifest.json for the run in `path`; returns one line per stage saying what it found."""
     from minibt.pipeline import stages

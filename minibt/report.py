@@ -18,8 +18,9 @@ import json
 import logging
 import random
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import yaml
 
@@ -81,7 +82,8 @@ def describe_stage(name: str, counts: dict[str, Any], world: World | None = None
     if name.startswith("curate_r"):
         if "kept" not in c:
             return ""
-        line = f"{c.get('scored', '?')} scored by {c.get('curator', '?')}: {c['kept']} kept (score >= {c.get('threshold', '?')}), {c.get('dropped', '?')} dropped"
+        line = (f"{c.get('scored', '?')} scored by {c.get('curator', '?')}: {c['kept']} kept "
+                f"(score >= {c.get('threshold', '?')}), {c.get('dropped', '?')} dropped")
         extra = _nonzero(c, ("pairs", "scored", "kept", "dropped", "threshold", "unparseable_rate", *LEFT_OUT))
         return line + _left_out(c) + (f"; also {extra}" if extra else "")
     if name.startswith("rewrite_r") and "rewritten" in c:
@@ -218,7 +220,7 @@ def _claims(metrics: dict[str, Any]) -> list[str]:
         row("curation matters: m1 (curated) > m1 on all augmented data", "m1", "m1_uncurated", acc.get("m1"), acc.get("m1_uncurated"))
         row("curation raises data quality: curated > augmented (correct pairs, %)", "curated", "augmented",
             metrics.get("curated_correct_share"), metrics.get("augmented_correct_share"))
-    for key, result in (metrics.get("pairwise") or {}).items():
+    for result in (metrics.get("pairwise") or {}).values():
         if isinstance(result, dict) and "win_rate" in result:
             lo, hi = result.get("ci95", [None, None])
             lines.append(f"| {result.get('a')} beats {result.get('b')} in pairwise judging (judge {result.get('judge')}) "

@@ -3,18 +3,20 @@ the paper's seed/augmented tags), the curator's rubric prompt and score, and the
 scored pair.
 
 The stages (minibt/stages) and the Python API (minibt/session.py) both ask the roles, so this lives
-apart from training: a session imports no stage. Everything here needs only the inference side of an
-engine (minibt/engine/interface.py), plus `model_cfg.max_length` where a text is clipped to fit.
+apart from training: a session imports no stage. Prompts need only an engine's text rules
+(minibt/engine/text.py); scoring needs its inference (minibt/engine/interface.py).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from minibt import prompts
-from minibt.engine import BASE
+from minibt.engine.interface import BASE, Inference
+from minibt.engine.text import TextRules
 
 if TYPE_CHECKING:
     from minibt.recipe import Recipe
@@ -24,34 +26,34 @@ RUBRIC_ANSWER_ROOM = 8  # tokens after the rubric prompt: "Score: N" and EOS
 TRUNCATED_FOR_RUBRIC = "truncated_for_rubric"  # a scored pair's mark: its output was cut to fit the rubric prompt
 
 
-def backward_prompt(engine: Any, output: str, room: int) -> str:
+def backward_prompt(text: TextRules, output: str, room: int) -> str:
     """The rendered myx prompt for `output`, the output clipped so `room` tokens remain for the instruction."""
-    return clipped_backward_prompt(engine, output, room)[0]
+    return clipped_backward_prompt(text, output, room)[0]
 
 
-def clipped_backward_prompt(engine: Any, output: str, room: int) -> tuple[str, bool]:
+def clipped_backward_prompt(text: TextRules, output: str, room: int) -> tuple[str, bool]:
     """`backward_prompt`, and whether the output was cut to fit."""
-    overhead = engine.count_tokens(engine.render(prompts.backward_messages(""))) + 8
-    text, cut = engine.clip(output, max(16, engine.model_cfg.max_length - room - overhead))
-    return engine.render(prompts.backward_messages(text)), cut
+    overhead = text.count_tokens(text.render(prompts.backward_messages(""))) + 8
+    clipped, cut = text.clip(output, max(16, text.max_length - room - overhead))
+    return text.render(prompts.backward_messages(clipped)), cut
 
 
-def forward_prompt(engine: Any, recipe: Recipe, instruction: str, augmented: bool = False) -> str:
+def forward_prompt(text: TextRules, recipe: Recipe, instruction: str, augmented: bool = False) -> str:
     """The rendered forward prompt; with `forward.tags`, the seed tag (or the augmented-data tag)."""
     cfg = recipe.forward
     tag = (cfg.augmented_tag if augmented else cfg.seed_tag) if cfg.tags else None
-    return engine.render(prompts.forward_messages(instruction, tag))
+    return text.render(prompts.forward_messages(instruction, tag))
 
 
-def rubric_prompt(engine: Any, instruction: str, output: str, room: int) -> str:
-    return clipped_rubric_prompt(engine, instruction, output, room)[0]
+def rubric_prompt(text: TextRules, instruction: str, output: str, room: int) -> str:
+    return clipped_rubric_prompt(text, instruction, output, room)[0]
 
 
-def clipped_rubric_prompt(engine: Any, instruction: str, output: str, room: int) -> tuple[str, bool]:
+def clipped_rubric_prompt(text: TextRules, instruction: str, output: str, room: int) -> tuple[str, bool]:
     """The rendered rubric prompt, the output clipped so `room` tokens remain, and whether it was cut."""
-    overhead = engine.count_tokens(engine.render(prompts.rubric_messages(instruction, ""))) + 8
-    text, cut = engine.clip(output, max(16, engine.model_cfg.max_length - room - overhead))
-    return engine.render(prompts.rubric_messages(instruction, text)), cut
+    overhead = text.count_tokens(text.render(prompts.rubric_messages(instruction, ""))) + 8
+    clipped, cut = text.clip(output, max(16, text.max_length - room - overhead))
+    return text.render(prompts.rubric_messages(instruction, clipped)), cut
 
 
 def build_prompts(rows: list[dict[str, Any]], build: Callable[[dict[str, Any]], tuple[str, bool]],
@@ -69,12 +71,12 @@ def build_prompts(rows: list[dict[str, Any]], build: Callable[[dict[str, Any]], 
     return built, marked
 
 
-def score_pairs(engine: Any, recipe: Recipe, curator: str, rows: list[dict[str, Any]], bar: Any = None) -> list[dict[str, Any]]:
+def score_pairs(engine: Inference, recipe: Recipe, curator: str, rows: list[dict[str, Any]], bar: Any = None) -> list[dict[str, Any]]:
     """Rows plus `score` (and the details of the recipe's curation method, see minibt/stages/curate.py)."""
     cfg = recipe.curate
     if cfg.method == "likelihood":
         given = engine.completion_logprobs(
-            curator, [forward_prompt(engine, recipe, r["instruction"], augmented=False) for r in rows],
+            curator, [forward_prompt(engine.text, recipe, r["instruction"], augmented=False) for r in rows],
             [r["output"] for r in rows], batch_size=cfg.batch_size,
         )
         alone = engine.completion_logprobs(BASE, [""] * len(rows), [r["output"] for r in rows], batch_size=cfg.batch_size)
@@ -82,13 +84,15 @@ def score_pairs(engine: Any, recipe: Recipe, curator: str, rows: list[dict[str, 
             bar.update(len(rows))
         return [{**r, "score": round(float(g - a), 4)} for r, g, a in zip(rows, given, alone)]
     if cfg.mode == "generate":
-        texts, rows = build_prompts(rows, lambda r: clipped_rubric_prompt(engine, r["instruction"], r["output"], cfg.reasoning_tokens), TRUNCATED_FOR_RUBRIC)
+        texts, rows = build_prompts(
+            rows, lambda r: clipped_rubric_prompt(engine.text, r["instruction"], r["output"], cfg.reasoning_tokens), TRUNCATED_FOR_RUBRIC)
         texts = engine.generate(
             curator, texts,
             max_new_tokens=cfg.reasoning_tokens, batch_size=cfg.batch_size, progress=bar,
         )
         return [{**r, "rating": t, "score": prompts.parse_score(t)} for r, t in zip(rows, texts)]
-    texts, rows = build_prompts(rows, lambda r: clipped_rubric_prompt(engine, r["instruction"], r["output"], RUBRIC_ANSWER_ROOM), TRUNCATED_FOR_RUBRIC)
+    texts, rows = build_prompts(
+        rows, lambda r: clipped_rubric_prompt(engine.text, r["instruction"], r["output"], RUBRIC_ANSWER_ROOM), TRUNCATED_FOR_RUBRIC)
     probs, mass = engine.next_token_probs(
         curator, texts,
         prompts.SCORE_PREFIX, prompts.SCORE_CHOICES, batch_size=cfg.batch_size, progress=bar,

@@ -24,8 +24,9 @@ import os
 import shutil
 import socket
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import yaml
 
@@ -72,7 +73,7 @@ class RunDir:
     # --- creation / opening ---------------------------------------------------------------
 
     @classmethod
-    def create(cls, path: str | Path, recipe: Recipe, fresh: bool = False) -> "RunDir":
+    def create(cls, path: str | Path, recipe: Recipe, fresh: bool = False) -> RunDir:
         """Start a run in `path`, or resume the one there if it was made by the same recipe.
 
         The folder stays locked until `unlock()` (or the process ends): a second run on it is refused.
@@ -115,7 +116,7 @@ class RunDir:
         self.save()
 
     @classmethod
-    def open(cls, path: str | Path) -> "RunDir":
+    def open(cls, path: str | Path) -> RunDir:
         path = Path(path)
         if not (path / "recipe.yaml").is_file():
             raise MinibtError(f"{path} is not a minibt run directory (no recipe.yaml)")
@@ -136,7 +137,7 @@ class RunDir:
             self._lock_fd = None
 
     @contextlib.contextmanager
-    def locked(self, hint: str = "") -> Iterator["RunDir"]:
+    def locked(self, hint: str = "") -> Iterator[RunDir]:
         self.lock(hint)
         try:
             yield self

@@ -7,7 +7,7 @@ from __future__ import annotations
 import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal
 
 from minibt.checks import changed, in_range, looks_local, one_source, only_hub_datasets, positive, unused
 from minibt.errors import RecipeError
@@ -23,7 +23,7 @@ NO_WARMUP_SCHEDULERS = ("constant", "reduce_lr_on_plateau", "greedy")  # transfo
 class RunSection:
     name: str = ""  # default: the recipe file's stem; the run directory is runs/<name>
     seed: int = 0  # fixes data order, LoRA init and sampling
-    threads: int = 1  # torch CPU threads: one per process is stable on small VMs (STACK-NOTES); unused on a GPU
+    threads: int = 1  # torch CPU threads: one per process: two collapse throughput on 2-core VMs; unused on a GPU
 
 
 @dataclass
@@ -37,7 +37,7 @@ class ModelSection:
     max_length: int = 1024  # tokens per training example / prompt
     chat_template: Literal["auto", "minibt"] = "auto"  # auto: the tokenizer's own, else minibt's
     trust_remote_code: bool = False
-    revision: Optional[str] = None  # a hub commit, branch or tag: a local folder has none
+    revision: str | None = None  # a hub commit, branch or tag: a local folder has none
     # auto: the CUDA GPU; with none visible a real recipe stops (the toy world runs on the CPU).
     # cpu: run on the CPU anyway, knowingly (stack_guards.require_device)
     device: Literal["auto", "cpu"] = "auto"
@@ -69,12 +69,12 @@ class LoraSection:
 class SeedSection:
     """Seed pairs: a local file (JSONL, JSON, Parquet) or a HF dataset id."""
 
-    path: Optional[str] = None
-    dataset: Optional[str] = None
+    path: str | None = None
+    dataset: str | None = None
     split: str = "train"
     format: Literal["auto", "pairs", "oasst", "messages"] = "auto"
     columns: dict[str, str] = field(default_factory=dict)  # {instruction: prompt, output: response}
-    limit: Optional[int] = None
+    limit: int | None = None
     max_bad_fraction: float = 0.05  # malformed rows beyond this share are an error
 
     def check(self, key: str) -> None:
@@ -94,12 +94,12 @@ class SeedSection:
 class CorpusSection:
     """Unlabelled texts: a local file (JSONL, Parquet, .txt) or a HF dataset id (streamed)."""
 
-    path: Optional[str] = None
-    dataset: Optional[str] = None
-    name: Optional[str] = None  # the hub dataset's config name
+    path: str | None = None
+    dataset: str | None = None
+    name: str | None = None  # the hub dataset's config name
     split: str = "train"
     text_column: str = "text"  # JSONL, Parquet and hub rows; a .txt file's documents are its blank-line blocks
-    limit: Optional[int] = None
+    limit: int | None = None
     min_chars: int = 0
     max_chars: int = 0  # 0: no upper bound; longer documents are segmented into passages
     dedup: bool = True
@@ -197,7 +197,7 @@ class CurateSection:
     # calibrate: instead of `threshold`, each round's curator scores human-rated pairs (`ratings`) and
     # keeps pairs scoring >= the midpoint between its mean score on the pairs rated >= 4 and on the rest
     calibrate: bool = False
-    ratings: Optional[str] = None  # JSONL rows {instruction, output, score 1-5}; the toy world writes its own
+    ratings: str | None = None  # JSONL rows {instruction, output, score 1-5}; the toy world writes its own
     # teach: every forward model (m0, m1, ...) also trains on the rated pairs (`ratings`, or the toy world's)
     # in the rubric format, completion "Score: N": a base that never saw a rubric learns to rate
     teach: bool = False
@@ -209,9 +209,11 @@ class CurateSection:
         if self.method == "rubric":
             in_range(f"{key}.threshold", self.threshold, 1.0, 5.0)
         if self.method == "likelihood":
-            unused(key, self, ("mode", "score", "reasoning_tokens", "teach"), f"only the rubric method reads it ({key}.method is likelihood); remove the key")
+            unused(key, self, ("mode", "score", "reasoning_tokens", "teach"),
+                   f"only the rubric method reads it ({key}.method is likelihood); remove the key")
         elif self.mode == "generate":
-            unused(key, self, ("score",), "mode=generate parses the score the curator writes; expected/argmax apply to mode=distribution; remove the key")
+            unused(key, self, ("score",),
+                   "mode=generate parses the score the curator writes; expected/argmax apply to mode=distribution; remove the key")
         else:
             unused(key, self, ("reasoning_tokens",), f"only mode=generate writes reasoning ({key}.mode is distribution); remove the key")
         if self.ratings and not (self.calibrate or self.teach):
@@ -272,17 +274,17 @@ class InferenceSection:
     # ray_address: a running cluster ("auto", "HOST:PORT", "ray://HOST:PORT"); without it a local Ray
     # starts for the run and stops after it.
     workers: int = 1
-    ray_address: Optional[str] = None
+    ray_address: str | None = None
     # engine: hf (the training base and minibt's decode loop), vllm (minibt/engine/vllm.py: a vLLM
     # engine of its own, stopped before each training stage on a GPU), auto: vllm when it is installed
     # and a GPU is present, else hf (minibt/inference.py). The keys below are vLLM's own, refused with hf.
     engine: Literal["auto", "hf", "vllm"] = "auto"
     gpu_memory_utilization: float = 0.5  # vLLM's share of the GPU: the training base stays on it too
-    kv_cache_gib: Optional[float] = None  # a fixed KV cache instead (vLLM's kv_cache_memory_bytes); CPU: 1
+    kv_cache_gib: float | None = None  # a fixed KV cache instead (vLLM's kv_cache_memory_bytes); CPU: 1
     max_num_seqs: int = 256  # sequences vLLM runs at once
     max_loras: int = 4  # adapters in one batch (max_lora_rank follows lora.r)
     enable_prefix_caching: bool = True  # the rubric, a system prompt: computed once per call
-    enforce_eager: Optional[bool] = None  # default: eager on a CPU (nothing to compile), CUDA graphs on a GPU
+    enforce_eager: bool | None = None  # default: eager on a CPU (nothing to compile), CUDA graphs on a GPU
     data_parallel_size: int = 1  # vLLM engines, one per GPU of this machine, each serving a part of every call
 
     def check(self, key: str) -> None:

@@ -16,16 +16,17 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Callable, Iterable, Literal
+from typing import Any, Literal
 
 from minibt import io
-from minibt.inference import open_inference
 from minibt.engine import BASE, MIN_NEW_TOKENS, import_backend
 from minibt.engine.interface import Inference
 from minibt.errors import MinibtError
-from minibt.rundir import RunDir
+from minibt.inference import open_inference
 from minibt.roles import MYX, backward_prompt, forward_prompt, keeps, round_threshold, score_pairs
+from minibt.rundir import RunDir
 
 
 class Session:
@@ -58,7 +59,7 @@ class Session:
     @functools.cached_property
     def answer_tokens(self) -> int:
         """Default answer length: 1.5x the run's longest seed answer (EOS included), within half the context."""
-        return answer_tokens(self.run, self.recipe, self.engine.count_tokens)
+        return answer_tokens(self.run, self.recipe, self.engine.text.count_tokens)
 
     @property
     def instruction_tokens(self) -> int:
@@ -67,7 +68,7 @@ class Session:
 
     def prompt(self, instruction: str) -> str:
         """The rendered forward prompt, with the seed tag as the paper uses at inference."""
-        return forward_prompt(self.engine, self.recipe, instruction)
+        return forward_prompt(self.engine.text, self.recipe, instruction)
 
     def generate(self, instructions: list[str] | str, adapter: str = "m1", max_new_tokens: int | None = None,
                  temperature: float = 0.0, top_p: float = 1.0, batch_size: int = 8) -> list[str]:
@@ -90,7 +91,7 @@ class Session:
         """The rendered prompt of a chat: with `forward.tags`, the seed tag as its system prompt."""
         cfg = self.recipe.forward
         system = [{"role": "system", "content": cfg.seed_tag}] if cfg.tags else []
-        return self.engine.render(system + messages)
+        return self.engine.text.render(system + messages)
 
     def backtranslate(self, texts: list[str] | str, adapter: str = MYX, max_new_tokens: int | None = None,
                       temperature: float = 0.0, top_p: float = 1.0, batch_size: int = 8) -> list[str]:
@@ -99,7 +100,7 @@ class Session:
         max_new_tokens = max_new_tokens or self.instruction_tokens
         if isinstance(texts, str):
             texts = [texts]
-        return self.engine.generate(adapter, [backward_prompt(self.engine, t, max_new_tokens) for t in texts],
+        return self.engine.generate(adapter, [backward_prompt(self.engine.text, t, max_new_tokens) for t in texts],
                                     max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, batch_size=batch_size)
 
     def score(self, instructions: list[str] | str, outputs: list[str] | str, adapter: str = "m0") -> Any:

@@ -1,4 +1,4 @@
-"""Guards around the training stack's own behaviour on the GPU path (issue 16), each checked against
+"""Guards around the training stack's own behaviour on the GPU path, each checked against
 the pinned sources (accelerate 1.16, transformers 5.17, bitsandbytes 0.50, unsloth 2026.10.9).
 
 The engine calls these; each says which line of which library it answers.

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,7 +24,7 @@ class Work:
     it pickles by reference; `adapters` maps each adapter it uses to its PEFT folder in the run."""
 
     kind: str  # the stage, for logs: "augment", "curate_r1"
-    fn: Callable[[Any, "Task", Any], list[dict[str, Any]]]
+    fn: Callable[[Any, Task, Any], list[dict[str, Any]]]
     recipe: Any
     adapters: dict[str, str] = dataclasses.field(default_factory=dict)
     args: dict[str, Any] = dataclasses.field(default_factory=dict)  # the stage's own inputs (curator, threshold)
@@ -51,7 +52,7 @@ class Workers:
     count: int
     retried: collections.Counter  # shards retried after their worker died, per Work.kind
 
-    def runner(self, work: Work) -> "Runner":
+    def runner(self, work: Work) -> Runner:
         return Runner(self, work)
 
     def counts(self, kind: str) -> dict[str, int]:
@@ -89,20 +90,3 @@ class Runner:
 
     def compute(self, jobs: list[tuple[int, list[dict[str, Any]]]], bar: Any) -> Iterator[tuple[int, list[dict[str, Any]]]]:
         return self.workers.compute([Task(self.work, k, rows) for k, rows in jobs], bar)
-
-
-def start_workers(recipe: Any, engine: Any, factory: Callable[[Any, str], Any] | None = None) -> Workers:
-    """The run's workers: its own engine for workers=1 (Ray never imported), else this engine and Ray
-    actors, started now, in the background, so that they load the base while the driver trains;
-    `close()` stops them (and a local Ray)."""
-    if recipe.inference.workers == 1:
-        return InProcess(engine)
-    from minibt.ray_pool import RayWorkers
-
-    pool = RayWorkers(recipe, engine, engine.model_cfg.name, factory)
-    try:
-        pool.start()
-    except BaseException:
-        pool.close()
-        raise
-    return pool

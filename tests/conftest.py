@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-torch.set_num_threads(1)  # two threads collapse throughput on 2-core VMs (STACK-NOTES)
+torch.set_num_threads(1)  # two threads collapse throughput on 2-core VMs
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 WORDS = (

@@ -58,7 +58,7 @@ def test_spearman_matches_hand_computed_values():
 
 
 def test_generation_sides_make_one_output_per_prompt(engine):
-    texts = [engine.render(prompts.backward_messages(f"the {w} is red.")) for w in ("king", "river", "city", "north", "a")]
+    texts = [engine.text.render(prompts.backward_messages(f"the {w} is red.")) for w in ("king", "river", "city", "north", "a")]
     g = bench.compare_generation(engine, "myx", texts, max_new_tokens=5, temperature=0.7, top_p=0.9, batch_size=2,
                                  pairs=3, fast_runs=2)
     assert g["outputs"] == {"batched": 5, "one_at_a_time": 5}
@@ -81,8 +81,8 @@ def test_spread_is_the_pairs_quartiles():
 
 
 def test_greedy_generation_is_the_same_batched_and_one_at_a_time(engine):
-    texts = [engine.render(prompts.backward_messages(t)) for t in ("the king.", "a small old river is north.", "red")]
-    batched = engine.generate("myx", texts, max_new_tokens=6, batch_size=3)
+    texts = [engine.text.render(prompts.backward_messages(t)) for t in ("the king.", "a small old river is north.", "red")]
+    batched = engine.infer.generate("myx", texts, max_new_tokens=6, batch_size=3)
     single = bench.generate_one_at_a_time(engine, "myx", texts, max_new_tokens=6, temperature=0.0, top_p=1.0)
     assert batched == single  # same work on both sides: left padding changes nothing
 
@@ -179,8 +179,8 @@ def test_stratified_takes_half_noise_half_facts_in_order():
 
 
 def test_curator_rows_reason_then_score():
-    class FakeEngine:  # curator_rows only renders and clips
-        model_cfg = ModelSection(max_length=4096)
+    class FakeText:  # curator_rows only renders and clips
+        max_length = 4096
 
         def render(self, messages):
             return messages[0]["content"]
@@ -191,14 +191,14 @@ def test_curator_rows_reason_then_score():
         def clip(self, text, n):
             return text, False
 
-    rows = bench.curator_rows(FakeEngine(), [{"instruction": "q?", "output": "a.", "score": 2}])
+    rows = bench.curator_rows(FakeText(), [{"instruction": "q?", "output": "a.", "score": 2}])
     assert [prompts.parse_score(r["completion"]) for r in rows] == [2, 2, 2]
     assert rows[0]["completion"].startswith(bench.VERDICTS[2]) and rows[2]["completion"] == "Score: 2"
     assert "<instruction>\nq?\n</instruction>" in rows[0]["prompt"]
 
 
 def test_training_sides_run_the_same_steps(engine, tiny_model_dir, tmp_path):
-    rows = [{"prompt": engine.render([{"role": "user", "content": f"what is the {w}"}]), "completion": f"the {w}."}
+    rows = [{"prompt": engine.text.render([{"role": "user", "content": f"what is the {w}"}]), "completion": f"the {w}."}
             for w in ("king", "queen", "river", "city")]
     cfg = TrainSection(max_steps=2, batch_size=2, learning_rate=1e-3, warmup_ratio=0.0)
     t = bench.compare_training(engine, tiny_model_dir, rows, cfg, tmp_path, pairs=2, keep="kept")

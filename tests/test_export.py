@@ -90,7 +90,7 @@ def test_the_export_answers_as_the_run_does(finished_run, tmp_path):
     try:
         want = session.engine.generate("m1", rendered, max_new_tokens=12, batch_size=4)
         merged = Engine.load(ModelSection(name=str(out), quantization="none", dtype="float32", max_length=1024), LoraSection(r=4), seed=0)
-        got = merged.generate("base", rendered, max_new_tokens=12, batch_size=4)
+        got = merged.infer.generate("base", rendered, max_new_tokens=12, batch_size=4)
     finally:
         torch.set_num_threads(threads)
     # W + BA merged is not the same float sum as W x + B(A x): a margin of one near-tie flip of 12;

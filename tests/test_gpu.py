@@ -76,7 +76,7 @@ def test_engine_on_cuda_trains_keeps_roles_apart_and_batches_like_single_rows(ti
 
     e = Engine.load(ModelSection(name=tiny_model_dir, backend="transformers", max_length=256, dtype=dtype), LoraSection(r=8, alpha=16))
     assert e.device.type == "cuda" and str(e.dtype) == f"torch.{dtype}"
-    rows = [{"prompt": e.render([{"role": "user", "content": r["instruction"]}]), "completion": r["output"]} for r in SEED]
+    rows = [{"prompt": e.text.render([{"role": "user", "content": r["instruction"]}]), "completion": r["output"]} for r in SEED]
     steps = TrainSection(max_steps=20, batch_size=4, learning_rate=5e-3, warmup_ratio=0.0)
     myx = e.train("myx", rows, steps, tmp_path / "myx")
     losses = [h["loss"] for h in myx["log_history"]]
@@ -90,13 +90,13 @@ def test_engine_on_cuda_trains_keeps_roles_apart_and_batches_like_single_rows(ti
     assert all(torch.equal(before[k], v) for k, v in e.model.state_dict().items() if k in before)
 
     prompts = [r["prompt"] + " king" * k for k, r in enumerate(rows[:8])]  # mixed lengths: left padding
-    batched = e.generate("m0", prompts, max_new_tokens=12, batch_size=8)
-    single = [e.generate("m0", [p], max_new_tokens=12)[0] for p in prompts]
+    batched = e.infer.generate("m0", prompts, max_new_tokens=12, batch_size=8)
+    single = [e.infer.generate("m0", [p], max_new_tokens=12)[0] for p in prompts]
     same = sum(a == b for a, b in zip(batched, single))
     assert same == len(prompts) if dtype == "float32" else same >= len(prompts) - 2, (batched, single)
 
-    batch, _ = e.next_token_probs("m0", prompts, "Score:", list("12345"), batch_size=8)
-    one = [e.next_token_probs("m0", [p], "Score:", list("12345"))[0][0] for p in prompts]
+    batch, _ = e.infer.next_token_probs("m0", prompts, "Score:", list("12345"), batch_size=8)
+    one = [e.infer.next_token_probs("m0", [p], "Score:", list("12345"))[0][0] for p in prompts]
     assert batch == pytest.approx(torch.tensor(one).numpy(), abs=PROB_TOLERANCE[dtype])
 
 

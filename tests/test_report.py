@@ -146,7 +146,7 @@ def test_training_logs_reach_the_reporting_tool_report_to_names(tiny_model_dir, 
 
     monkeypatch.setitem(integration_utils.INTEGRATION_TO_CALLBACK, "tensorboard", Recorder)
     engine = Engine.load(ModelSection(name=tiny_model_dir, max_length=128), LoraSection(r=4, alpha=8), seed=0)
-    rows = [{"prompt": engine.render([{"role": "user", "content": f"what is the {w}"}]), "completion": f"the {w} is red."}
+    rows = [{"prompt": engine.text.render([{"role": "user", "content": f"what is the {w}"}]), "completion": f"the {w} is red."}
             for w in ("king", "queen", "river", "city")]
     cfg = TrainSection(max_steps=2, batch_size=2, learning_rate=1e-3, warmup_ratio=0.0, save_steps=0)
     result = engine.train("m1", rows, dataclasses.replace(cfg, report_to="tensorboard"), tmp_path / "m1")

@@ -30,8 +30,9 @@ def test_open_run_attaches_every_adapter_of_the_run_on_one_base(session, finishe
     assert sorted(session.adapters) == ["m0", "m1", "myx"]
     lazy = minibt.open_run(finished_run[1], adapters=["m0"])
     assert lazy.adapters == ["m0"]
+    model = lazy.engine.model
     lazy.generate(ASKED[:1], adapter="m1", max_new_tokens=2)  # attached on first use, not reloaded
-    assert sorted(lazy.adapters) == ["m0", "m1"] and lazy.engine.base_loads == 1
+    assert sorted(lazy.adapters) == ["m0", "m1"] and lazy.engine.model is model
     with pytest.raises(MinibtError, match=r"^adapter 'm9' does not exist in .* \(have: m0, m1, myx; 'base' means no adapter\)$"):
         lazy.generate("hi", adapter="m9")
 
@@ -109,20 +110,20 @@ LONG = "the old king of the north is red and the small river of the south is blu
 
 def test_answer_tokens_is_one_and_a_half_times_the_longest_seed_answer(finished_run, tmp_path):
     s = session_with(finished_run[1], tmp_path, ["The king is red.", LONG])
-    n = s.engine.count_tokens(LONG)
+    n = s.engine.text.count_tokens(LONG)
     assert 16 < 1.5 * (n + 1) < 512, n  # neither bound applies
     assert s.answer_tokens == math.ceil(1.5 * (n + 1))  # its tokens and EOS, with room to spare
 
 
 def test_answer_tokens_is_at_least_min_new_tokens(finished_run, tmp_path):
     s = session_with(finished_run[1], tmp_path, ["Red."])
-    assert 1.5 * (s.engine.count_tokens("Red.") + 1) < MIN_NEW_TOKENS
+    assert 1.5 * (s.engine.text.count_tokens("Red.") + 1) < MIN_NEW_TOKENS
     assert s.answer_tokens == MIN_NEW_TOKENS
 
 
 def test_answer_tokens_is_at_most_half_the_context_and_half_without_a_seed(finished_run, tmp_path):
     s = session_with(finished_run[1], tmp_path / "a", [LONG], max_length=64)
-    assert s.engine.count_tokens(LONG) > 32
+    assert s.engine.text.count_tokens(LONG) > 32
     assert s.answer_tokens == 32
     assert session_with(finished_run[1], tmp_path / "b", None).answer_tokens == 512  # model.max_length 1024
 

@@ -15,7 +15,7 @@ WORDS = ["king", "queen", "river", "city", "mountain", "north", "south", "color"
 
 def pairs(engine, n: int = 16) -> list[dict[str, str]]:
     return [
-        {"prompt": engine.render([{"role": "user", "content": f"what is the {w}"}]), "completion": f"the {w} is red."}
+        {"prompt": engine.text.render([{"role": "user", "content": f"what is the {w}"}]), "completion": f"the {w} is red."}
         for w in (WORDS * 4)[:n]
     ]
 
@@ -54,7 +54,7 @@ def lora_grads_vs_dequantized_reference(model_dir: str, backend: str = "auto", d
     set_peft_model_state_dict(ref, get_peft_model_state_dict(e.model, adapter_name="m0"), adapter_name="m0")
 
     batch = e.tokenizer(["the king is red and the river is blue."], return_tensors="pt")
-    e.generate("m0", ["the king"], max_new_tokens=2)  # an eval no-grad forward: the trap springs here
+    e.infer.generate("m0", ["the king"], max_new_tokens=2)  # an eval no-grad forward: the trap springs here
 
     def grads(model) -> dict[str, torch.Tensor]:
         model.zero_grad()

@@ -15,7 +15,7 @@ import time
 
 import torch
 
-torch.set_num_threads(1)  # two threads collapse throughput on 2-core VMs (STACK-NOTES)
+torch.set_num_threads(1)  # two threads collapse throughput on 2-core VMs
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from minibt.stack_guards import import_unsloth  # noqa: E402  imports no transformers
@@ -75,14 +75,14 @@ def main(model_dir: str, work: str, dtype: str = "auto") -> dict:
     out["trainable_errors"] = errors
 
     prompt = [pairs(e, 1)[0]["prompt"]]
-    out["generate"] = {a: e.generate(a, prompt, max_new_tokens=6)[0] for a in ("m0", "base", "myx")}
+    out["generate"] = {a: e.infer.generate(a, prompt, max_new_tokens=6)[0] for a in ("m0", "base", "myx")}
 
     prompts = [p["prompt"] for p in pairs(e, 4)]
-    before, _ = e.next_token_probs("m0", prompts, "Score:", list("12345"))
+    before, _ = e.infer.next_token_probs("m0", prompts, "Score:", list("12345"))
     e.save_adapter("m0", os.path.join(work, "saved-m0"))
     e.load_adapter("m0_again", os.path.join(work, "saved-m0"))
-    after, _ = e.next_token_probs("m0_again", prompts, "Score:", list("12345"))
-    base_probs, _ = e.next_token_probs("base", prompts, "Score:", list("12345"))
+    after, _ = e.infer.next_token_probs("m0_again", prompts, "Score:", list("12345"))
+    base_probs, _ = e.infer.next_token_probs("base", prompts, "Score:", list("12345"))
     out["reload_max_abs_diff"] = float(abs(after - before).max())
     out["adapter_vs_base_max_abs_diff"] = float(abs(before - base_probs).max())
     e.delete_adapter("m0_again")

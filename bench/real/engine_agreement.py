@@ -85,9 +85,9 @@ def main() -> None:
     else:
         n_train = 0 if args.run or args.adapter else 40
         instructions = ifeval[: n_train + args.n_pairs]
-        rendered = [nf4.render([{"role": "user", "content": i}]) for i in instructions]
+        rendered = [nf4.text.render([{"role": "user", "content": i}]) for i in instructions]
         t0 = time.time()
-        answers = nf4.generate("base", rendered, max_new_tokens=args.answer_tokens, batch_size=16)
+        answers = nf4.infer.generate("base", rendered, max_new_tokens=args.answer_tokens, batch_size=16)
         seed = [{"instruction": i, "output": a} for i, a in zip(instructions[:n_train], answers[:n_train])]
         rest = list(zip(instructions[n_train:], answers[n_train:]))
         shift = len(rest) // 3  # a third answered with another row's answer: a spread of scores
@@ -97,7 +97,7 @@ def main() -> None:
         io.write_jsonl(work / "pairs.jsonl", pairs)
         if not (args.run or args.adapter):
             train = dataclasses.replace(recipe.forward, max_steps=args.steps, epochs=3.0, save_steps=0)
-            rows = [{"prompt": forward_prompt(nf4, recipe, r["instruction"]), "completion": r["output"]} for r in seed]
+            rows = [{"prompt": forward_prompt(nf4.text, recipe, r["instruction"]), "completion": r["output"]} for r in seed]
             t0 = time.time()
             nf4.train("m0", rows, train, work / "train-m0")
             nf4.save_adapter("m0", adapter)
@@ -107,7 +107,7 @@ def main() -> None:
     if "m0" not in nf4.adapters:
         nf4.load_adapter("m0", adapter)
     result["adapter"] = {"path": str(adapter), "sha256": sha256(adapter / "adapter_model.safetensors")}
-    forward = [forward_prompt(nf4, recipe, i) for i in held_out]
+    forward = [forward_prompt(nf4.text, recipe, i) for i in held_out]
     scores, seconds = {}, {}
 
     def score(name: str, engine) -> None:
@@ -116,8 +116,8 @@ def main() -> None:
         seconds[name] = round(time.time() - t0, 1)
         io.write_json(work / "scores.json", {k: v.tolist() for k, v in scores.items()})  # what a killed run leaves
 
-    score("hf_nf4", nf4)
-    answers = {"nf4_adapter": nf4.generate("m0", forward, max_new_tokens=args.answer_tokens, batch_size=8)}
+    score("hf_nf4", nf4.infer)
+    answers = {"nf4_adapter": nf4.infer.generate("m0", forward, max_new_tokens=args.answer_tokens, batch_size=8)}
     del nf4
     gc.collect()
 
@@ -128,7 +128,7 @@ def main() -> None:
     for name, weights in (("hf_dequantized", folder), ("hf_original_weights", model_cfg.name)):
         plain = Engine.load(dataclasses.replace(model_cfg, name=weights, quantization="none"), recipe.lora, seed=recipe.run.seed)
         plain.load_adapter("m0", adapter)
-        score(name, plain)
+        score(name, plain.infer)
         del plain
         gc.collect()
 
@@ -175,7 +175,7 @@ def main() -> None:
             dq.dequantized_base = original_dequantized_base
         merged = Engine.load(dataclasses.replace(model_cfg, name=str(out), quantization="none", dtype=dtype),
                              recipe.lora, seed=recipe.run.seed)
-        answers[name] = merged.generate("base", forward, max_new_tokens=args.answer_tokens, batch_size=8)
+        answers[name] = merged.infer.generate("base", forward, max_new_tokens=args.answer_tokens, batch_size=8)
         del merged
         gc.collect()
     result["export"] = {"prompts": len(forward), "max_new_tokens": args.answer_tokens, "greedy_identical_to_nf4_adapter": {

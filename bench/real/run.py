@@ -161,7 +161,7 @@ def backward_metrics(session: Any, timings: dict[str, float]) -> dict[str, Any]:
     pairs = [(truth[r["output"].strip()], r["instruction"]) for r in augmented]
     texts = [r["output"] for r in augmented]
     t0 = time.time()
-    prompts = [engine.render([{"role": "user", "content": ZERO_SHOT.format(text=engine.clip_text(t, 400))}]) for t in texts]
+    prompts = [engine.text.render([{"role": "user", "content": ZERO_SHOT.format(text=engine.text.clip_text(t, 400))}]) for t in texts]
     zero_shot = engine.generate(BASE, prompts, max_new_tokens=recipe.augment.max_new_tokens, batch_size=16)
     timings["zero_shot_s"] = round(time.time() - t0, 1)
 
@@ -222,7 +222,7 @@ def forward_metrics(session: Any, timings: dict[str, float], adapters: list[str]
     engine, recipe = session.engine, session.recipe
     test = read_jsonl(DATA / "test.jsonl")
     t0 = time.time()
-    prompts = [forward_prompt(engine, recipe, r["instruction"]) for r in test]
+    prompts = [forward_prompt(engine.text, recipe, r["instruction"]) for r in test]
     nll = {a: round(-float(engine.completion_logprobs(a, prompts, [r["output"] for r in test], batch_size=8).mean()), 4)
            for a in adapters}
     timings["nll_s"] = round(time.time() - t0, 1)

@@ -135,7 +135,7 @@ def markdown(results: list[dict]) -> str:
             rows = [r for r in ok if r["group"] == g]
             seeds = sorted(r["world_seed"] for r in rows)
             base = [r for r in grid if r["run_seed"] == 0 and r["world_seed"] in seeds]
-            for label, rs in ((f"default (same seeds)", base), (g, rows)):
+            for label, rs in (("default (same seeds)", base), (g, rows)):
                 vals = [statistics.mean([row_values(r)[c] for r in rs]) if rs and all(row_values(r).get(c) is not None for r in rs) else None
                         for c in COLS]
                 lines.append(f"| {label} | {','.join(map(str, seeds))} | " + " | ".join(_f(x) for x in vals) + " |")

@@ -39,7 +39,7 @@ def without_rewrite(run_dir: Path) -> dict:
     # named m1 as in the run: an adapter's LoRA init comes from the run seed and its name
     with tempfile.TemporaryDirectory() as work:
         trained = train_forward(engine, recipe, "m1", seed, curated, Path(work))
-    answers = forward_answers(engine, recipe, "m1", questions)
+    answers = forward_answers(engine.infer, recipe, "m1", questions)
     with_rw = json.loads((rd.path / "metrics.json").read_text())
     return {
         "run": run_dir.name, "examples": trained["examples"],

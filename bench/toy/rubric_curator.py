@@ -112,7 +112,7 @@ def main() -> None:
 
     rated = (list(world.rated_pairs)[: args.world_ratings] + seed_ratings(world, args.extra_ratings, recipe.run.seed, stream="rubric")
              + hard_ratings(world, world_cfg, args.hard_ratings, recipe.run.seed))
-    rubric_rows = [{"prompt": rubric_prompt(engine, r["instruction"], r["output"], RUBRIC_ANSWER_ROOM),
+    rubric_rows = [{"prompt": rubric_prompt(engine.text, r["instruction"], r["output"], RUBRIC_ANSWER_ROOM),
                     "completion": f"Score: {r['score']}"} for r in rated]
     rows = forward_rows(engine, recipe, world.seed_pairs, []) + rubric_rows
     cfg = dataclasses.replace(recipe.forward, max_steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr)
@@ -123,14 +123,14 @@ def main() -> None:
     augmented = [r for r in io.read_jsonl(rd.data("augmented")) if r["instruction"].strip()]
     sample = random.Random(0).sample(augmented, min(args.sample, len(augmented)))
     t0 = time.monotonic()
-    scored = score_pairs(engine, recipe, "rater", sample)
+    scored = score_pairs(engine.infer, recipe, "rater", sample)
     score_s = time.monotonic() - t0
-    fit = score_pairs(engine, recipe, "rater", [{**r, "rated": r["score"]} for r in world.rated_pairs])
+    fit = score_pairs(engine.infer, recipe, "rater", [{**r, "rated": r["score"]} for r in world.rated_pairs])
     # the rater is m0 taught the rubric: does it still answer as m0 does (held-out questions)?
     from minibt.toy.evaluate import forward_accuracy
 
-    rater_forward = forward_accuracy(engine, recipe, "rater", world.eval_questions)
-    base_forward = forward_accuracy(engine, recipe, "base", world.eval_questions)
+    rater_forward = forward_accuracy(engine.infer, recipe, "rater", world.eval_questions)
+    base_forward = forward_accuracy(engine.infer, recipe, "base", world.eval_questions)
 
     likelihood = {r["id"]: r["score"] for r in io.read_jsonl(rd.data("scored_r1"))}
     lik_threshold = rd.manifest["stages"]["curate_r1"]["counts"]["threshold"]

@@ -1,4 +1,4 @@
-"""The vLLM engine against the HF engine on a toy run's own base and adapters (issue 15's equivalence).
+"""The vLLM engine against the HF engine on a toy run's own base and adapters (their equivalence).
 
     python bench/toy/vllm_equivalence.py RUN_DIR [--texts 1024] [--pairs 512] [--out bench/results/vllm-equivalence.json]
 
@@ -50,9 +50,9 @@ def main() -> None:
     corpus = io.read_jsonl(rd.data("corpus"))[: args.texts]
     scored = io.read_jsonl(rd.data("scored_r1"))[: args.pairs]
     hf = engines["hf_fp32"]
-    texts = [backward_prompt(hf, r["text"], recipe.augment.max_new_tokens) for r in corpus]
-    rubric = [rubric_prompt(hf, r["instruction"], r["output"], RUBRIC_ANSWER_ROOM) for r in scored]
-    forward = [forward_prompt(hf, recipe, r["instruction"]) for r in scored]
+    texts = [backward_prompt(hf.text, r["text"], recipe.augment.max_new_tokens) for r in corpus]
+    rubric = [rubric_prompt(hf.text, r["instruction"], r["output"], RUBRIC_ANSWER_ROOM) for r in scored]
+    forward = [forward_prompt(hf.text, recipe, r["instruction"]) for r in scored]
     outputs = [r["output"] for r in scored]
     threshold = round_threshold(rd, recipe, 1)
 
@@ -66,7 +66,7 @@ def main() -> None:
     result = {"run": str(rd.path), "texts": len(texts), "pairs": len(scored), "threshold": threshold,
               "vllm_start": vllm.started, "against": {}}
     for name, e in engines.items():
-        h = measure(e)
+        h = measure(e.infer)
         dp, dl = np.abs(v[1] - h[1]), np.abs(v[3] - h[3])
         result["against"][name] = {
             "greedy_myx_equal": round(float(np.mean([a == b for a, b in zip(v[0], h[0])])), 4),

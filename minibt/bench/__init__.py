@@ -5,7 +5,7 @@ Every comparison runs in one process, on the same model, adapter and data, as in
 run takes tenths of a second): each pair gives a ratio, the median of the pairs' ratios counts, and
 their spread (min, quartiles, max) is reported beside it (`spread`), so a disturbed pair shows:
 
-- generation: `Engine.generate` (batched, length-sorted, left-padded, KV cache, stop at EOS) vs a
+- generation: the HF engine's `generate` (batched, length-sorted, left-padded, KV cache, stop at EOS) vs a
   one-prompt-at-a-time loop of `model.generate`, on the same augmentation prompts with the recipe's
   sampling and max_new_tokens. Speed is generated tokens per second, the tokens of each returned
   text counted with the same tokenizer on both sides (samples differ, so lengths differ).
@@ -38,18 +38,42 @@ import platform
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
-from minibt.bench.curation import (VERDICTS, agreement, compare_curation, curator_rows, rating_completion,
-                                   seed_ratings, stratified, truth_scores)
-from minibt.bench.generation import compare_generation, count_tokens, generate_one_at_a_time
+from minibt.bench.bare import bare_trl_train
+from minibt.bench.curation import (
+    VERDICTS,
+    agreement,
+    compare_curation,
+    curator_rows,
+    rating_completion,
+    seed_ratings,
+    stratified,
+    truth_scores,
+)
+from minibt.bench.generation import (
+    compare_generation,
+    count_tokens,
+    generate_one_at_a_time,
+)
 from minibt.bench.random_model import GPU_CONFIGS, build_random_model
-from minibt.bench.stats import (Memory, interleaved_pairs, load_average, peak_rss_mib, rankdata, round4, spearman,
-                                spread, tie_ceiling, timed)
-from minibt.bench.training import bare_trl_train, compare_training
+from minibt.bench.stats import (
+    Memory,
+    interleaved_pairs,
+    load_average,
+    peak_rss_mib,
+    rankdata,
+    round4,
+    spearman,
+    spread,
+    tie_ceiling,
+    timed,
+)
+from minibt.bench.training import compare_training
 from minibt.bench.vllm import vllm_line
 
 # the names importers use as `minibt.bench.X` (each defined in its submodule)
@@ -65,7 +89,7 @@ log = logging.getLogger("minibt.bench")
 
 SCHEMA_VERSION = 1
 CURATOR = "rater"  # the bench's curator adapter
-# The goals of issue #5 for `--quick` on a 2-core CPU with the toy world.
+# The goals for `--quick` on a 2-core CPU with the toy world.
 GOALS = {
     "generation_speedup": (">=", 10.0),
     "curation_speedup": (">=", 4.0),
@@ -122,16 +146,16 @@ def run_bench(settings: Settings, recipe_path: str | os.PathLike | None = None, 
     t_start = time.perf_counter()
     load_start = load_average()
     if not has_gpu():
-        torch.set_num_threads(1)  # two threads collapse on small shared VMs (STACK-NOTES)
+        torch.set_num_threads(1)  # two threads collapse on small shared VMs
     recipe_path = Path(recipe_path) if recipe_path else default_recipe_path()
     recipe = load_recipe(recipe_path, [f"model.max_length={settings.max_length}", f"model.backend={backend}", *overrides])
     if recipe.world is None:
         raise ValueError("minibt bench needs a recipe with a `toy` section (its world supplies data and ratings)")
     import_backend(recipe.model.backend)
+    from minibt.roles import build_prompts, clipped_backward_prompt
     from minibt.stages.augment import write_instructions
     from minibt.stages.backward import MYX, backward_rows
     from minibt.toy.plugin import toy_base, toy_world
-    from minibt.roles import build_prompts, clipped_backward_prompt
 
     memory = Memory()
     work = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="minibt-bench-"))
@@ -154,7 +178,7 @@ def run_bench(settings: Settings, recipe_path: str | os.PathLike | None = None, 
     # 2. augmentation: myx writes instructions for corpus texts (the recipe's sampling and budget)
     aug = recipe.augment
     corpus = world.corpus[: settings.generate_prompts]
-    texts, corpus = build_prompts(corpus, lambda r: clipped_backward_prompt(engine, r["text"], aug.max_new_tokens), "t")
+    texts, corpus = build_prompts(corpus, lambda r: clipped_backward_prompt(engine.text, r["text"], aug.max_new_tokens), "t")
     with memory.phase("generation"):
         generation = compare_generation(engine, MYX, texts, aug.max_new_tokens, aug.temperature, aug.top_p,
                                         aug.batch_size, seed=recipe.run.seed, pairs=settings.pairs,
@@ -164,7 +188,7 @@ def run_bench(settings: Settings, recipe_path: str | os.PathLike | None = None, 
     # 3. the curator learns the rubric from rated pairs, then both curation modes score the same
     # augmented pairs. Its lessons use texts from the corpus's end; the scored pairs come from its start.
     def augment(rows: list[dict[str, Any]], seed: int) -> list[dict[str, Any]]:
-        return [p for p in write_instructions(engine, aug, rows, seed) if p["instruction"].strip()]
+        return [p for p in write_instructions(engine.infer, aug, rows, seed) if p["instruction"].strip()]
 
     lessons = world.corpus[len(world.corpus) - settings.augmented_ratings :] if settings.augmented_ratings else []
     scorable = world.corpus[: len(world.corpus) - len(lessons)]
@@ -182,7 +206,7 @@ def run_bench(settings: Settings, recipe_path: str | os.PathLike | None = None, 
         taught = augment(lessons, recipe.run.seed + 7) if lessons else []
         rated += [{"instruction": p["instruction"], "output": p["output"], "score": t}
                   for p, t in zip(taught, truth_scores(world, taught))]
-        cur_res, cur_s = timed(lambda: engine.train(CURATOR, curator_rows(engine, rated), cur_cfg, work / "curator"))
+        cur_res, cur_s = timed(lambda: engine.train(CURATOR, curator_rows(engine.text, rated), cur_cfg, work / "curator"))
     with memory.phase("curation"):
         curation = compare_curation(engine, recipe, CURATOR, pairs, settings.reasoning_tokens,
                                     recipe.curate.batch_size, timed_pairs=settings.pairs,
@@ -243,7 +267,7 @@ def run_bench(settings: Settings, recipe_path: str | os.PathLike | None = None, 
         "training": training,
         "vllm": vllm_side,
         "settings": dataclasses.asdict(settings),
-        "engine_truncated": engine.truncated,
+        "engine_truncated": engine.text.truncated,
         "seconds_total": round(time.perf_counter() - t_start, 1),
     }
     result["goals"] = check_goals(result)

@@ -14,10 +14,36 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Sequence
 from types import SimpleNamespace
-from typing import Any, Sequence
+from typing import Any
+
+from minibt.bench.stats import timed
 
 _RESULT = "RESULT "
+
+
+def bare_trl_train(model_dir: str, engine: Any, rows: Sequence[dict[str, str]], cfg: Any, work_dir: str) -> dict[str, Any]:
+    """The same training as `Engine.train`, written as a plain trl + peft script: its own base, loaded
+    as the engine loads one (before the clock starts), get_peft_model and SFTTrainer with minibt's
+    LoRA config and trainer arguments."""
+    from datasets import Dataset
+    from trl import SFTTrainer
+
+    from minibt.engine import load_base, sft_config
+    from minibt.engine.adapters import wrap
+
+    model, tokenizer = load_base(dataclasses.replace(engine.model_cfg, name=model_dir))
+
+    def run() -> Any:
+        peft_model = wrap(model, engine.lora, engine.seed)
+        args = sft_config(cfg, engine.model_cfg.max_length, engine.dtype, engine.seed, work_dir, packing=False)
+        trainer = SFTTrainer(model=peft_model, args=args, train_dataset=Dataset.from_list(list(rows)),
+                             processing_class=tokenizer)
+        return trainer.train()
+
+    result, seconds = timed(run)
+    return {"seconds": seconds, "train_loss": round(float(result.training_loss), 4)}
 
 
 class BareSide:
@@ -31,8 +57,6 @@ class BareSide:
 
     def __call__(self, cfg: Any, work_dir: str) -> dict[str, Any]:
         if not self.isolate:
-            from minibt.bench.training import bare_trl_train
-
             return bare_trl_train(self.model_dir, self.engine, self.rows, cfg, work_dir)
         if self._worker is None:  # stdout carries the answers; the trainer's own prints go to stderr
             self._worker = subprocess.Popen([sys.executable, "-m", "minibt.bench.bare"], stdin=subprocess.PIPE,
@@ -62,11 +86,10 @@ class BareSide:
 def _serve() -> None:
     import torch
 
-    from minibt.bench.training import bare_trl_train
     from minibt.recipe import LoraSection, ModelSection, TrainSection
 
     if not torch.cuda.is_available():
-        torch.set_num_threads(1)  # as the bench's own process (STACK-NOTES)
+        torch.set_num_threads(1)  # as the bench's own process
     out, sys.stdout = sys.stdout, sys.stderr  # library prints must not mix with the answers
     for line in sys.stdin:
         r = json.loads(line)

@@ -4,12 +4,17 @@ reasoning and a parsed score, their agreement, and the toy world's ratings that 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from minibt.bench.generation import count_tokens
 from minibt.bench.stats import interleaved_pairs, round4, spearman, spread, tie_ceiling
+
+if TYPE_CHECKING:
+    from minibt.engine import Engine
+    from minibt.engine.text import TextRules
 
 # A brief reasoning before the score, as the rubric asks ("first provide a brief reasoning"). Each opens
 # with "Verdict:" and then its conclusion, so free generation decides right after a label, as the
@@ -51,7 +56,7 @@ def seed_ratings(world: Any, n: int, seed: int = 0, stream: str = "bench") -> li
     return rows
 
 
-def curator_rows(engine: Any, rated: Sequence[dict]) -> list[dict[str, str]]:
+def curator_rows(text: TextRules, rated: Sequence[dict]) -> list[dict[str, str]]:
     """Rows that teach an adapter the rubric: each rated pair in the rubric format, twice with a brief
     reasoning before "Score: N" (so that free generation reasons first) and once with the score alone
     (the distribution mode reads the score right after "Score:")."""
@@ -59,13 +64,13 @@ def curator_rows(engine: Any, rated: Sequence[dict]) -> list[dict[str, str]]:
 
     rows = []
     for r in rated:
-        prompt = rubric_prompt(engine, r["instruction"], r["output"], RUBRIC_ANSWER_ROOM + 32)
+        prompt = rubric_prompt(text, r["instruction"], r["output"], RUBRIC_ANSWER_ROOM + 32)
         for reasoning in (True, True, False):
             rows.append({"prompt": prompt, "completion": rating_completion(r["score"], reasoning)})
     return rows
 
 
-def compare_curation(engine: Any, recipe: Any, curator: str, pairs: list[dict[str, Any]], reasoning_tokens: int,
+def compare_curation(engine: Engine, recipe: Any, curator: str, pairs: list[dict[str, Any]], reasoning_tokens: int,
                      batch_size: int, timed_pairs: int = 5, fast_runs: int = 3) -> dict[str, Any]:
     """Distribution scoring vs generated reasoning + parsed score, through the curate stage's own code,
     as `timed_pairs` interleaved pairs (`interleaved_pairs`); 0 scores each way once, untimed (agreement only)."""
@@ -76,10 +81,10 @@ def compare_curation(engine: Any, recipe: Any, curator: str, pairs: list[dict[st
     gen_recipe = dataclasses.replace(recipe, curate=dataclasses.replace(
         recipe.curate, method="rubric", mode="generate", reasoning_tokens=reasoning_tokens, batch_size=batch_size))
     def distribution() -> list[dict[str, Any]]:
-        return score_pairs(engine, dist_recipe, curator, pairs)
+        return score_pairs(engine.infer, dist_recipe, curator, pairs)
 
     def generate() -> list[dict[str, Any]]:
-        return score_pairs(engine, gen_recipe, curator, pairs)
+        return score_pairs(engine.infer, gen_recipe, curator, pairs)
 
     if timed_pairs:
         dist, gen, dist_s, gen_s = interleaved_pairs(distribution, generate, timed_pairs, fast_runs)

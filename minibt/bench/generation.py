@@ -1,14 +1,18 @@
-"""The bench's generation comparison: batched `Engine.generate` vs one prompt at a time."""
+"""The bench's generation comparison: the HF engine's batched `generate` vs one prompt at a time."""
 
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from minibt.bench.stats import interleaved_pairs, spread
+
+if TYPE_CHECKING:
+    from minibt.engine import Engine
 
 
 def count_tokens(engine: Any, texts: Sequence[str]) -> int:
@@ -16,7 +20,7 @@ def count_tokens(engine: Any, texts: Sequence[str]) -> int:
     return sum(len(ids) for ids in engine.tokenizer(list(texts), add_special_tokens=False)["input_ids"]) if texts else 0
 
 
-def generate_one_at_a_time(engine: Any, adapter: str, prompts: Sequence[str], max_new_tokens: int,
+def generate_one_at_a_time(engine: Engine, adapter: str, prompts: Sequence[str], max_new_tokens: int,
                            temperature: float, top_p: float, seed: int = 0) -> list[str]:
     """The plain way: model.generate on one prompt at a time (same model, adapter, inputs and sampling;
     prompt i samples from the stream of batch i, transformers' generate drawing from the global generator)."""
@@ -25,7 +29,7 @@ def generate_one_at_a_time(engine: Any, adapter: str, prompts: Sequence[str], ma
     sample = temperature > 0
     outputs = []
     with engine.use(adapter), torch.no_grad():
-        for i, ids in enumerate(engine.infer.encode(prompts, room=max_new_tokens)):
+        for i, ids in enumerate(engine.text.encode(prompts, room=max_new_tokens)):
             input_ids = torch.tensor([ids], device=engine.device)
             with seeded(batch_seed(seed, i)) if sample else contextlib.nullcontext():
                 out = engine.model.generate(
@@ -37,12 +41,12 @@ def generate_one_at_a_time(engine: Any, adapter: str, prompts: Sequence[str], ma
     return outputs
 
 
-def compare_generation(engine: Any, adapter: str, prompts: Sequence[str], max_new_tokens: int, temperature: float,
+def compare_generation(engine: Engine, adapter: str, prompts: Sequence[str], max_new_tokens: int, temperature: float,
                        top_p: float, batch_size: int, seed: int = 0, pairs: int = 5, fast_runs: int = 5) -> dict[str, Any]:
-    """Batched `Engine.generate` vs the one-at-a-time loop on the same prompts: tokens/s each side, as
+    """Batched `HFInference.generate` vs the one-at-a-time loop on the same prompts: tokens/s each side, as
     interleaved pairs (`interleaved_pairs`; both sides seeded, so each run returns the same texts)."""
     out, single, batched_s, single_s = interleaved_pairs(
-        lambda: engine.generate(adapter, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+        lambda: engine.infer.generate(adapter, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                 batch_size=batch_size, seed=seed),
         lambda: generate_one_at_a_time(engine, adapter, prompts, max_new_tokens, temperature, top_p, seed),
         pairs, fast_runs)

@@ -8,11 +8,11 @@ import os
 import resource
 import sys
 import time
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
-
 
 # --- statistics ------------------------------------------------------------------------------
 

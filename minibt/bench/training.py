@@ -3,35 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
+from minibt.bench.bare import BareSide  # under unsloth, the bare side trains in a process without it
 from minibt.bench.stats import spread, timed
-
-
-def bare_trl_train(model_dir: str, engine: Any, rows: Sequence[dict[str, str]], cfg: Any, work_dir: str) -> dict[str, Any]:
-    """The same training as `Engine.train`, written as a plain trl + peft script: its own base, loaded
-    as the engine loads one (before the clock starts), get_peft_model and SFTTrainer with minibt's
-    LoRA config and trainer arguments."""
-    from datasets import Dataset
-    from trl import SFTTrainer
-
-    from minibt.engine import load_base, sft_config
-    from minibt.engine.adapters import wrap
-
-    model, tokenizer = load_base(dataclasses.replace(engine.model_cfg, name=model_dir))
-
-    def run() -> Any:
-        peft_model = wrap(model, engine.lora, engine.seed)
-        args = sft_config(cfg, engine.model_cfg.max_length, engine.dtype, engine.seed, work_dir, packing=False)
-        trainer = SFTTrainer(model=peft_model, args=args, train_dataset=Dataset.from_list(list(rows)),
-                             processing_class=tokenizer)
-        return trainer.train()
-
-    result, seconds = timed(run)
-    return {"seconds": seconds, "train_loss": round(float(result.training_loss), 4)}
 
 
 def compare_training(engine: Any, model_dir: str, rows: Sequence[dict[str, str]], cfg: Any, work: Path,
@@ -46,8 +25,6 @@ def compare_training(engine: Any, model_dir: str, rows: Sequence[dict[str, str]]
     warm = dataclasses.replace(cfg, max_steps=3)
     engine.train(f"{keep}_warmup", rows, warm, work / "warm")
     engine.delete_adapter(f"{keep}_warmup")
-    from minibt.bench.bare import BareSide  # under unsloth, the bare side trains in a process without it
-
     bare = BareSide(model_dir, engine, rows)
     bare(warm, str(work / "warm_bare"))  # the worker's own warm-up, when there is one
     for k in range(pairs):
@@ -55,7 +32,7 @@ def compare_training(engine: Any, model_dir: str, rows: Sequence[dict[str, str]]
         for side in order:
             if side == "minibt":
                 name = keep if not minibt_runs else f"{keep}_rep{k}"
-                res, s = timed(lambda: engine.train(name, rows, cfg, work / f"minibt{k}"))
+                res, s = timed(lambda name=name, k=k: engine.train(name, rows, cfg, work / f"minibt{k}"))
                 if name != keep:
                     engine.delete_adapter(name)
                 minibt_runs.append(s)

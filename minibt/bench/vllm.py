@@ -4,20 +4,24 @@ adapters, prompts and pairs (generation tokens/s; curation seconds, distribution
 The adapters the bench trained on the HF engine are saved as PEFT folders and served as LoRA requests.
 Each measure is interleaved pairs (HF side, vLLM side, HF, ...), as the rest of the bench. On a CPU the
 vLLM build serves the recipe's 4-bit base dequantized (the weights the HF engine computes with); what runs
-where is in the result. No goal here: on the tiny toy model per-step overhead decides (README, "Speed").
+where is in the result. No goal here: on the tiny toy model per-step overhead decides (docs/results.md).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import importlib.util
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+if TYPE_CHECKING:
+    from minibt.engine import Engine
 
-def compare_vllm(engine: Any, recipe: Any, model_dir: str, myx: str, curator: str, texts: Sequence[str],
+
+def compare_vllm(engine: Engine, recipe: Any, model_dir: str, myx: str, curator: str, texts: Sequence[str],
                  pairs: list[dict[str, Any]], work: Path, pairs_timed: int = 3) -> dict[str, Any]:
     """The vLLM engine against `engine` (the HF one): generation with `myx` on `texts`, curation of `pairs`
     by `curator`; {"skipped": why} without vLLM."""
@@ -44,7 +48,7 @@ def compare_vllm(engine: Any, recipe: Any, model_dir: str, myx: str, curator: st
             return e.generate(myx, texts, max_new_tokens=aug.max_new_tokens, temperature=aug.temperature,
                               top_p=aug.top_p, batch_size=aug.batch_size, seed=recipe.run.seed)
 
-        hf_out, v_out, hf_s, v_s = interleaved_pairs(lambda: generate(engine), lambda: generate(vllm), pairs_timed, 1)
+        hf_out, v_out, hf_s, v_s = interleaved_pairs(lambda: generate(engine.infer), lambda: generate(vllm), pairs_timed, 1)
         hf_tok, v_tok = count_tokens(engine, hf_out), count_tokens(engine, v_out)
         out["generation"] = {
             "prompts": len(texts), "tokens": {"hf": hf_tok, "vllm": v_tok},
@@ -57,8 +61,8 @@ def compare_vllm(engine: Any, recipe: Any, model_dir: str, myx: str, curator: st
             cfg = (dataclasses.replace(recipe.curate, method="rubric", mode="distribution", score="expected")
                    if method == "distribution" else dataclasses.replace(recipe.curate, method="likelihood"))
             r = dataclasses.replace(recipe, curate=cfg)
-            hf_rows, v_rows, hf_s, v_s = interleaved_pairs(lambda: score_pairs(engine, r, curator, pairs),
-                                                           lambda: score_pairs(vllm, r, curator, pairs), pairs_timed, 1)
+            hf_rows, v_rows, hf_s, v_s = interleaved_pairs(lambda r=r: score_pairs(engine.infer, r, curator, pairs),
+                                                           lambda r=r: score_pairs(vllm, r, curator, pairs), pairs_timed, 1)
             diff = [abs(a["score"] - b["score"]) for a, b in zip(hf_rows, v_rows)]
             out["curation"][method] = {
                 "pairs": len(pairs), "seconds": {"hf": round(float(np.median(hf_s)), 3), "vllm": round(float(np.median(v_s)), 3)},

@@ -11,8 +11,9 @@ import gzip
 import json
 import logging
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, BinaryIO, Iterator, Optional
+from typing import Any, BinaryIO
 
 from minibt.errors import DataError
 
@@ -59,7 +60,7 @@ def open_binary(path: Path) -> BinaryIO:
     return f
 
 
-def jsonl_rows(path: Path) -> Iterator[tuple[str, Optional[Any], Optional[str]]]:
+def jsonl_rows(path: Path) -> Iterator[tuple[str, Any | None, str | None]]:
     """Yield (where, parsed value, None) per non-blank line, or (where, None, why) for a broken one.
     A name ending in .gz is read through gzip (the Open Assistant export ships as .jsonl.gz)."""
     # bytes, so one line of bad UTF-8 is one bad row rather than an unreadable file
@@ -79,7 +80,7 @@ def jsonl_rows(path: Path) -> Iterator[tuple[str, Optional[Any], Optional[str]]]
             raise DataError(f"{path}: broken gzip file: {e}") from None
 
 
-def load_hub(dataset: str, name: Optional[str], split: str, streaming: bool) -> Any:
+def load_hub(dataset: str, name: str | None, split: str, streaming: bool) -> Any:
     """`datasets.load_dataset`, with any failure (unknown id, split, no network) as one DataError."""
     import datasets  # slow import: only when a hub dataset is asked for
 

@@ -11,8 +11,9 @@ import hashlib
 import math
 import re
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any
 
 import numpy as np
 
@@ -116,7 +117,7 @@ def _passages(section: CorpusSection, counts: dict[str, int], bad: BadRows) -> I
                 continue
             cleaned = clean_passage(piece, min_chars)
             if cleaned is None:
-                verdict: Optional[str] = "low_quality"
+                verdict: str | None = "low_quality"
             else:
                 verdict = dedup.check(cleaned) if dedup else None
             if verdict:
@@ -155,7 +156,7 @@ def _documents(section: CorpusSection, counts: dict[str, int], bad: BadRows) -> 
         yield text.strip(), {k: v for k, v in row.items() if k not in (col, "id", "text")}
 
 
-def _rows(section: CorpusSection) -> Iterator[tuple[str, Optional[Any], Optional[str]]]:
+def _rows(section: CorpusSection) -> Iterator[tuple[str, Any | None, str | None]]:
     if section.dataset:
         yield from _hub_rows(section)
         return
@@ -171,7 +172,7 @@ def _rows(section: CorpusSection) -> Iterator[tuple[str, Optional[Any], Optional
         raise DataError(f"{path}: unsupported corpus file type {suffix or '(none)'} (use .jsonl, .parquet, .txt)")
 
 
-def _hub_rows(section: CorpusSection) -> Iterator[tuple[str, Optional[Any], Optional[str]]]:
+def _hub_rows(section: CorpusSection) -> Iterator[tuple[str, Any | None, str | None]]:
     ds = load_hub(section.dataset, section.name, section.split, streaming=True)
     columns = ds.column_names  # None when the hub does not declare features
     if columns is not None and section.text_column not in columns:
@@ -183,7 +184,7 @@ def _hub_rows(section: CorpusSection) -> Iterator[tuple[str, Optional[Any], Opti
         yield f"row {i}", {section.text_column: row.get(section.text_column)}, None
 
 
-def _parquet_rows(path: Path, column: str) -> Iterator[tuple[str, Optional[Any], Optional[str]]]:
+def _parquet_rows(path: Path, column: str) -> Iterator[tuple[str, Any | None, str | None]]:
     import pyarrow.parquet as pq
 
     open_binary(path).close()  # the usual missing / empty file messages
@@ -200,7 +201,7 @@ def _parquet_rows(path: Path, column: str) -> Iterator[tuple[str, Optional[Any],
             i += 1
 
 
-def _text_rows(path: Path, column: str) -> Iterator[tuple[str, Optional[Any], Optional[str]]]:
+def _text_rows(path: Path, column: str) -> Iterator[tuple[str, Any | None, str | None]]:
     """Plain text: documents are separated by blank lines."""
     lines: list[str] = []
     start = 0
@@ -256,7 +257,7 @@ def _units(text: str, max_chars: int, level: int) -> list[tuple[str, str]]:
     return out
 
 
-def clean_passage(text: str, min_chars: int = 1) -> Optional[str]:
+def clean_passage(text: str, min_chars: int = 1) -> str | None:
     """The passage without boilerplate lines, or None when it is mostly chrome, symbols, or too short after."""
     lines = text.split("\n")
     content = [line for line in lines if line.strip()]
@@ -306,7 +307,7 @@ class Dedup:
         self.bands: set[int] = set()
         self.seeds = np.random.default_rng(MINHASH_SEED).integers(0, 1 << 64, size=BANDS * ROWS, dtype=np.uint64)
 
-    def check(self, text: str) -> Optional[str]:
+    def check(self, text: str) -> str | None:
         """None for a new passage (remembered), else the name of the duplicate kind."""
         words = _WORD.findall(text.lower())
         norm = " ".join(words)  # case, punctuation and spacing do not make a text new

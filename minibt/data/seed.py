@@ -10,14 +10,15 @@ so one selection rule serves both.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any
 
 from minibt.data.common import BadRows, jsonl_rows, load_hub, open_binary
 from minibt.errors import DataError
 from minibt.recipe import SeedSection
 
-Record = tuple[str, Optional[Any], Optional[str]]  # (where, row, why it is broken)
+Record = tuple[str, Any | None, str | None]  # (where, row, why it is broken)
 
 # auto mode: the first (instruction, output) column pair present in the data wins
 PAIR_COLUMNS = [("instruction", "output"), ("prompt", "response"), ("prompt", "completion"), ("question", "answer")]
@@ -122,9 +123,9 @@ def _detect(section: SeedSection, columns: set[str], source: str) -> str:
     )
 
 
-def _pair_columns(section: SeedSection, columns: set[str], source: str) -> dict[str, Optional[str]]:
+def _pair_columns(section: SeedSection, columns: set[str], source: str) -> dict[str, str | None]:
     instruction, output = next((p for p in PAIR_COLUMNS if set(p) <= columns), PAIR_COLUMNS[0])
-    cols: dict[str, Optional[str]] = {"instruction": instruction, "output": output, **section.columns}
+    cols: dict[str, str | None] = {"instruction": instruction, "output": output, **section.columns}
     for target in ("instruction", "output"):
         if cols[target] not in columns:
             raise DataError(
@@ -136,7 +137,7 @@ def _pair_columns(section: SeedSection, columns: set[str], source: str) -> dict[
 
 
 def _row_pairs(
-    records: Iterable[Record], bad: BadRows, cols: Optional[dict[str, Optional[str]]]
+    records: Iterable[Record], bad: BadRows, cols: dict[str, str | None] | None
 ) -> list[dict[str, str]]:
     """One pair per row: `cols` for the pairs format, None for chat messages."""
     pairs = []
@@ -149,7 +150,7 @@ def _row_pairs(
     return pairs
 
 
-def _object(row: Any, why: Optional[str]) -> dict:
+def _object(row: Any, why: str | None) -> dict:
     """The record as a JSON object, or _BadRow saying why it is not one."""
     if why:
         raise _BadRow(why)
@@ -158,7 +159,7 @@ def _object(row: Any, why: Optional[str]) -> dict:
     return row
 
 
-def _columns_pair(row: dict, cols: dict[str, Optional[str]]) -> dict[str, str]:
+def _columns_pair(row: dict, cols: dict[str, str | None]) -> dict[str, str]:
     instruction = _text(row, cols["instruction"])
     extra = row.get(cols["input"]) if cols["input"] else None
     if extra is not None and not isinstance(extra, str):
@@ -210,7 +211,7 @@ def _tree_rows(where: str, tree: dict) -> list[Record]:
         raise _BadRow(f"malformed tree: 'prompt' is {type(root).__name__}, not a message object")
     shared = {k: tree.get(k) for k in OASST_TREE_FIELDS}
     rows: list[Record] = []
-    stack: list[tuple[dict, Optional[str], str]] = [(root, None, "prompt")]  # no recursion: trees can be deep
+    stack: list[tuple[dict, str | None, str]] = [(root, None, "prompt")]  # no recursion: trees can be deep
     while stack:
         node, parent_id, place = stack.pop()
         replies = node.get("replies") or []
@@ -259,7 +260,7 @@ def _oasst_pairs(records: Iterable[Record], bad: BadRows, counts: dict[str, int]
     return pairs
 
 
-def _text(row: dict, key: Optional[str]) -> str:
+def _text(row: dict, key: str | None) -> str:
     value = row.get(key) if key else None
     if value is None:
         raise _BadRow(f"missing {key!r}")

@@ -12,8 +12,9 @@ import os
 import shutil
 import tempfile
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
@@ -204,10 +205,15 @@ class Adapters:
 class BaseOnly:
     """The roles of a model without adapters: only "base" (a judge loaded on its own)."""
 
-    adapters: list[str] = []
-
     def __init__(self, model: Any, tokenizer: Any):
         self.model, self.tokenizer = model, tokenizer
+        self.adapters: list[str] = []
+
+    def load(self, name: str, path: str | os.PathLike, trainable: bool = False) -> None:
+        raise MinibtError(f"a judge loaded with --judge-model takes no adapters (asked for {name!r})")
+
+    def delete(self, name: str) -> None:
+        raise MinibtError(f"a judge loaded with --judge-model has no adapter {name!r}")
 
     @contextlib.contextmanager
     def use(self, name: str, trainable: bool = False) -> Iterator[None]:

@@ -9,17 +9,18 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
-from typing import Any, Callable, Sequence
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
 from minibt import stack_guards as guards
 from minibt.engine import sampling
-from minibt.engine.batching import (MIN_SHARED_PREFIX, after_head, common_prefix, each_batch, generation_budget,
-                                    left_pad)
+from minibt.engine.batching import MIN_SHARED_PREFIX, after_head, common_prefix, each_batch, left_pad
 from minibt.engine.load import compute_dtype
-from minibt.errors import MinibtError
+from minibt.engine.text import TextRules, renormalised
 
 log = logging.getLogger("minibt.engine")
 
@@ -37,13 +38,13 @@ class HFInference:
         self.model, self.tokenizer, self.model_cfg, self.backend, self.roles = model, tokenizer, model_cfg, backend, roles
         self.seed = seed  # sampling's seed when a call gives none
         self.dtype = compute_dtype(model_cfg.dtype)
-        self.truncated = 0  # texts and prompts cut to fit the context, over the engine's life
+        self.text = TextRules(tokenizer, model_cfg.max_length)
         self._prefix_cache = prefix_cache
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         # only the last position's logits where the forward allows it (transformers >= 4.50)
         self._last_only = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(base.forward).parameters else {}
 
-    def variant(self, prefix_cache: bool) -> "HFInference":
+    def variant(self, prefix_cache: bool) -> HFInference:
         """The same model and roles with the prefix cache on or off (its own `truncated` count)."""
         return HFInference(self.model, self.tokenizer, self.model_cfg, self.backend, self.roles, self.seed, prefix_cache)
 
@@ -55,53 +56,13 @@ class HFInference:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    # --- text and tokens -----------------------------------------------------------------
+    # --- adapters ----------------------------------------------------------------------
 
-    def render(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    def load_adapter(self, name: str, path: str | os.PathLike) -> None:
+        self.roles.load(name, path)
 
-    def count_tokens(self, text: str) -> int:
-        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-
-    def clip(self, text: str, max_tokens: int) -> tuple[str, bool]:
-        """(`text` cut to at most `max_tokens` tokens, whether it was cut); a cut is counted in `truncated`."""
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        if len(ids) <= max_tokens:
-            return text, False
-        self.truncated += 1
-        return self.tokenizer.decode(ids[:max_tokens]), True
-
-    def clip_text(self, text: str, max_tokens: int) -> str:
-        return self.clip(text, max_tokens)[0]
-
-    def encode(self, prompts: Sequence[str], room: int) -> list[list[int]]:
-        """Token ids per prompt, left-truncated to leave `room` tokens for what comes after."""
-        limit = max(1, self.model_cfg.max_length - room)
-        out = []
-        for ids in self.tokenizer(list(prompts))["input_ids"]:
-            if len(ids) > limit:
-                self.truncated += 1
-                ids = ids[-limit:]
-            out.append(ids)
-        return out
-
-    def fit(self, prompts: Sequence[str], max_new_tokens: int) -> tuple[list[list[int]], list[int]]:
-        """Token ids and a generation budget per prompt (`generation_budget`); clipped prompts are
-        counted in `truncated` and reported in one warning line."""
-        encoded, budgets, clipped = [], [], 0
-        for ids in self.tokenizer(list(prompts))["input_ids"]:
-            keep, new = generation_budget(len(ids), max_new_tokens, self.model_cfg.max_length)
-            if keep < len(ids):
-                clipped += 1
-                ids = ids[-keep:]  # the end holds the question and the assistant's turn
-            encoded.append(ids)
-            budgets.append(new)
-        if clipped:
-            self.truncated += clipped
-            log.warning("%d of %d prompts were longer than model.max_length=%d leaves room for: kept the last "
-                        "tokens of each, %d new tokens at most", clipped, len(encoded), self.model_cfg.max_length,
-                        min(budgets))
-        return encoded, budgets
+    def delete_adapter(self, name: str) -> None:
+        self.roles.delete(name)
 
     def left_pad(self, seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         return left_pad(seqs, self.tokenizer.pad_token_id, self.device)
@@ -115,7 +76,7 @@ class HFInference:
 
         Each prompt gets min(max_new_tokens, the context left after it) new tokens (`generation_budget`).
         Batch b samples from the stream `sampling.batch_seed(seed, b)` (seed: the call's, else the engine's)."""
-        encoded, budgets = self.fit(prompts, max_new_tokens)
+        encoded, budgets = self.text.fit(prompts, max_new_tokens)
         outputs: list[str] = [""] * len(encoded)
         sample = temperature > 0
         seed = self.seed if seed is None else seed
@@ -188,7 +149,7 @@ class HFInference:
 
         from transformers import TextIteratorStreamer
 
-        encoded, budgets = self.fit([prompt], max_new_tokens)
+        encoded, budgets = self.text.fit([prompt], max_new_tokens)
         ids, mask = self.left_pad(encoded)
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         sample = temperature > 0
@@ -207,18 +168,6 @@ class HFInference:
 
     # --- scoring -------------------------------------------------------------------------
 
-    def choice_ids(self, prefix: str, choices: Sequence[str]) -> list[int]:
-        """The token id of each choice as it follows "<prefix> " in running text.
-
-        Byte-level BPEs write " 3" as one token; Llama-3 and SentencePiece split off the space. Either
-        way, "<prompt><prefix> <choice>" minus its last token is the prompt, and the last is the choice.
-        """
-        seqs = [self.tokenizer(f"x\n{prefix} {c}", add_special_tokens=False)["input_ids"] for c in choices]
-        for c, seq in zip(choices, seqs):
-            if self.tokenizer.decode(seq[-1:]).strip() != c or seq[:-1] != seqs[0][:-1]:
-                raise MinibtError(f"the tokenizer does not write score {c!r} as one token after {prefix!r}; use curate.mode=generate")
-        return [seq[-1] for seq in seqs]
-
     @torch.no_grad()
     def next_token_probs(self, adapter: str, prompts: Sequence[str], prefix: str, choices: Sequence[str],
                          batch_size: int = 16, progress: Any = None) -> tuple[np.ndarray, np.ndarray]:
@@ -226,8 +175,7 @@ class HFInference:
 
         Returns (probabilities renormalised over the choices, [n, k]; the raw mass the choices got, [n]).
         """
-        ids = self.choice_ids(prefix, choices)
-        encoded = [e[:-1] for e in self.encode([f"{p}{prefix} {choices[0]}" for p in prompts], room=0)]
+        ids, encoded = self.text.choice_prompts(prompts, prefix, choices)
         probs = np.zeros((len(encoded), len(ids)), dtype=np.float64)
         choice_index = torch.tensor(ids, device=self.device)
         head: list[tuple[int, Any]] = []  # the rubric, the same text before every pair (`shared_head`)
@@ -247,19 +195,13 @@ class HFInference:
         with self.roles.use(adapter):
             head.append(self.shared_head(encoded))
             each_batch(encoded, batch_size, step, progress)
-        mass = probs.sum(axis=1)
-        return probs / np.maximum(mass[:, None], 1e-12), mass
+        return renormalised(probs)
 
     @torch.no_grad()
     def completion_logprobs(self, adapter: str, prompts: Sequence[str], completions: Sequence[str],
                             batch_size: int = 16, progress: Any = None) -> np.ndarray:
         """Mean log-probability per token of each completion given its prompt (EOS included)."""
-        eos = [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
-        comp = [self.tokenizer(c, add_special_tokens=False)["input_ids"] + eos for c in completions]
-        comp = [c[: self.model_cfg.max_length - 1] for c in comp]
-        start = [self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None else self.tokenizer.eos_token_id]
-        heads = [self.encode([p], room=len(c))[0] or start for p, c in zip(prompts, comp)]
-        seqs = [h + c for h, c in zip(heads, comp)]
+        seqs, comp = self.text.completion_sequences(prompts, completions)
         out = np.zeros(len(seqs))
 
         def step(_: int, idx: list[int]) -> None:

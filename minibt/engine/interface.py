@@ -2,36 +2,35 @@
 API ask of an engine. The HF engine (one base, PEFT adapters, minibt's own decode loop) and the vLLM
 engine (LoRA requests on one vLLM base) each implement it; stages depend on this, not on either.
 
-Adapters are named ("base" means none). Prompts are rendered chat text (`render`). Budgets follow
+Adapters are named ("base" means none). Prompts are rendered chat text (`text.render`). Budgets follow
 `generation_budget`: a prompt keeps every token unless it alone leaves fewer than MIN_NEW_TOKENS.
+The type checker holds both engines to this Protocol (minibt/engine/__init__.py).
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Protocol, Sequence, runtime_checkable
+import os
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
 import numpy as np
+
+from minibt.engine.text import TextRules
 
 BASE = "base"  # the adapter name that means "no adapter"
 
 
-@runtime_checkable
 class Inference(Protocol):
     name: str  # "hf" or "vllm": written into each inference stage's counts
-    truncated: int  # texts and prompts cut to fit the context, over the engine's life
+    text: TextRules  # prompts rendered, counted, clipped and fitted to the context: the same rules on every engine
 
     @property
     def adapters(self) -> list[str]: ...
 
-    def render(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str: ...
+    def load_adapter(self, name: str, path: str | os.PathLike) -> None:
+        """Serve the PEFT folder `path` as adapter `name` (a name loaded before is replaced)."""
 
-    def count_tokens(self, text: str) -> int: ...
-
-    def clip(self, text: str, max_tokens: int) -> tuple[str, bool]:
-        """(`text` cut to at most `max_tokens` tokens, whether it was cut); a cut is counted in `truncated`."""
-
-    def clip_text(self, text: str, max_tokens: int) -> str:
-        """`clip`'s text alone."""
+    def delete_adapter(self, name: str) -> None: ...
 
     def generate(self, adapter: str, prompts: Sequence[str], max_new_tokens: int, temperature: float = 0.0,
                  top_p: float = 1.0, batch_size: int = 16, seed: int | None = None,

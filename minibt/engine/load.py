@@ -104,7 +104,7 @@ def end_of_turn(tokenizer: Any) -> str | None:
 
 
 def guard_bnb_cpu(model: Any) -> int:
-    """Stop bitsandbytes from repacking 4-bit weights for its CPU kernel (STACK-NOTES, silent).
+    """Stop bitsandbytes from repacking 4-bit weights for its CPU kernel (silently).
 
     On CPUs with AVX512-BF16 the first no-grad eval forward repacks every Linear4bit in place, and LoRA
     gradients computed afterwards are wrong (17-41 % off) with only a warning. Returns the count guarded.

@@ -9,7 +9,7 @@ process. Code that can only draw from torch's global generator (peft's LoRA init
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 

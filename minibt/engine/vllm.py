@@ -3,8 +3,8 @@
 vLLM's model runs in a worker process of its own (spawned by `LLM(...)`; its engine core, the
 scheduler, stays in this process): the training base here and vLLM's copy are apart, and on a GPU
 `close()` hands vLLM's memory back before a training stage (minibt/inference.py decides when). Tokens are this process's business: prompts are
-rendered, counted, clipped and budgeted by the HF engine's own text rules on the same tokenizer, and
-reach vLLM as token ids, so both engines see the same inputs.
+rendered, counted, clipped and budgeted by the text rules the HF engine follows (engine/text.py) on the same
+tokenizer, and reach vLLM as token ids, so both engines see the same inputs.
 
 - Adapters: each PEFT folder is a `LoRARequest(name, id, path)`; loading one again (an adapter retrained
   after the engine started) gives it a new id, so vLLM reads the new weights without a restart.
@@ -32,16 +32,17 @@ import logging
 import os
 import random
 import time
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
-from minibt.engine.infer import HFInference
-from minibt.engine.interface import BASE
+from minibt.engine.interface import BASE, Inference
 from minibt.engine.load import compute_dtype, has_gpu, load_tokenizer
 from minibt.engine.sampling import batch_seed
+from minibt.engine.text import TextRules, renormalised
 from minibt.errors import MinibtError
 
 log = logging.getLogger("minibt.engine")
@@ -112,25 +113,16 @@ class VllmEngine:
 
     name = "vllm"
 
-    # the text rules of every engine, on the same tokenizer: written once, in engine/infer.py
-    render = HFInference.render
-    count_tokens = HFInference.count_tokens
-    clip = HFInference.clip
-    clip_text = HFInference.clip_text
-    encode = HFInference.encode
-    fit = HFInference.fit
-    choice_ids = HFInference.choice_ids
-
     def __init__(self, llms: list[Any], tokenizer: Any, model_cfg: Any, seed: int, started: dict[str, Any]):
         self.llms, self.tokenizer, self.model_cfg, self.seed = llms, tokenizer, model_cfg, seed
         self.started = started  # seconds, memory_gib: what the start cost
-        self.truncated = 0
+        self.text = TextRules(tokenizer, model_cfg.max_length)  # the HF engine's rules: the same token ids
         self._loras: dict[str, Any] = {}  # adapter name -> its LoRARequest
         self._next_id = 1
         self._replies = 0
 
     @classmethod
-    def start(cls, model_cfg: Any, lora: Any, cfg: Any, seed: int = 0) -> "VllmEngine":
+    def start(cls, model_cfg: Any, lora: Any, cfg: Any, seed: int = 0) -> VllmEngine:
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         # the engine core in this process steps only inside LLM.generate, after every request of the call is
         # queued; in a process of its own it starts on the first ones, and batches depend on timing
@@ -237,7 +229,7 @@ class VllmEngine:
         `batch_size` is vLLM's to choose (inference.max_num_seqs). Sampling is reproducible from `seed`."""
         from vllm import SamplingParams
 
-        encoded, budgets = self.fit(prompts, max_new_tokens)
+        encoded, budgets = self.text.fit(prompts, max_new_tokens)
         sample = temperature > 0
         params = [SamplingParams(max_tokens=n, temperature=temperature if sample else 0.0, top_p=top_p if sample else 1.0,
                                  detokenize=False) for n in budgets]
@@ -261,16 +253,14 @@ class VllmEngine:
         next position (renormalised over the choices, [n, k]; and the raw mass, [n])."""
         from vllm import SamplingParams
 
-        ids = self.choice_ids(prefix, choices)
-        encoded = [e[:-1] for e in self.encode([f"{p}{prefix} {choices[0]}" for p in prompts], room=0)]
+        ids, encoded = self.text.choice_prompts(prompts, prefix, choices)
         params = [SamplingParams(max_tokens=1, temperature=0.0, logprob_token_ids=ids, detokenize=False)] * len(encoded)
         outs = self._run(encoded, params, self._lora(adapter), self.seed)
         probs = np.array([[np.exp(o.outputs[0].logprobs[0][t].logprob) for t in ids] for o in outs], dtype=np.float64)
         probs = probs.reshape(len(encoded), len(ids))
         if progress is not None:
             progress.update(len(encoded))
-        mass = probs.sum(axis=1)
-        return probs / np.maximum(mass[:, None], 1e-12), mass
+        return renormalised(probs)
 
     def completion_logprobs(self, adapter: str, prompts: Sequence[str], completions: Sequence[str],
                             batch_size: int = 16, progress: Any = None) -> np.ndarray:
@@ -278,11 +268,7 @@ class VllmEngine:
         prompt log-probabilities of prompt + completion; prompts are clipped as the HF engine clips them."""
         from vllm import SamplingParams
 
-        tok = self.tokenizer
-        eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
-        comp = [(tok(c, add_special_tokens=False)["input_ids"] + eos)[: self.model_cfg.max_length - 1] for c in completions]
-        start = [tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id]
-        seqs = [(self.encode([p], room=len(c))[0] or start) + c for p, c in zip(prompts, comp)]
+        seqs, comp = self.text.completion_sequences(prompts, completions)
         params = [SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False)] * len(seqs)
         outs = self._run(seqs, params, self._lora(adapter), self.seed)
         out = np.array([np.mean([o.prompt_logprobs[j][s[j]].logprob for j in range(len(s) - len(c), len(s))])
@@ -330,3 +316,8 @@ def _memory_in_use(gpu: bool) -> int:
     import psutil
 
     return sum(c.memory_info().rss for c in psutil.Process().children(recursive=True) if c.is_running())
+
+
+def _implements_inference(engine: VllmEngine) -> Inference:
+    """Never called: the type checker holds this engine to the `Inference` Protocol here."""
+    return engine

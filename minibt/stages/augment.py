@@ -5,10 +5,10 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from minibt.engine import Engine
+from minibt.engine import Inference
 from minibt.recipe import AugmentSection, Recipe
-from minibt.rundir import RunDir
 from minibt.roles import MYX, build_prompts, clipped_backward_prompt
+from minibt.rundir import RunDir
 from minibt.stages.shards import map_shards
 from minibt.workers import InProcess, Task, Work, Workers
 
@@ -76,7 +76,7 @@ def _words(text: str) -> list[str]:
     return re.findall(r"\w+", text.lower())
 
 
-def augment(run: RunDir, engine: Engine, recipe: Recipe, corpus: list[dict[str, Any]],
+def augment(run: RunDir, engine: Inference, recipe: Recipe, corpus: list[dict[str, Any]],
             workers: Workers | None = None) -> list[dict[str, Any]]:
     """Rows of the corpus plus `instruction` (sampled: T=0.7, top_p=0.9 by default), in shards, on
     the run's `workers` (default: `engine`, in this process).
@@ -89,16 +89,16 @@ def augment(run: RunDir, engine: Engine, recipe: Recipe, corpus: list[dict[str, 
     return map_shards(run, "augmented", corpus, recipe.augment.shard_size, runner, desc="augment (myx)")
 
 
-def augment_shard(engine: Engine, task: Task, progress: Any) -> list[dict[str, Any]]:
+def augment_shard(engine: Inference, task: Task, progress: Any) -> list[dict[str, Any]]:
     """One shard of augment, on any worker's engine (minibt/workers.py): its seed comes from its index."""
     recipe = task.work.recipe
     return write_instructions(engine, recipe.augment, task.rows, seed=recipe.run.seed * 1_000_003 + task.shard, progress=progress)
 
 
-def write_instructions(engine: Engine, cfg: AugmentSection, rows: list[dict[str, Any]], seed: int,
+def write_instructions(engine: Inference, cfg: AugmentSection, rows: list[dict[str, Any]], seed: int,
                        progress: Any = None) -> list[dict[str, Any]]:
     """Each row with the instruction myx writes for its text, the text becoming the pair's `output`."""
-    texts, rows = build_prompts(rows, lambda r: clipped_backward_prompt(engine, r["text"], cfg.max_new_tokens), TRUNCATED)
+    texts, rows = build_prompts(rows, lambda r: clipped_backward_prompt(engine.text, r["text"], cfg.max_new_tokens), TRUNCATED)
     instructions = engine.generate(
         MYX,
         texts,

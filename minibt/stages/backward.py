@@ -13,8 +13,8 @@ INSTRUCTION_BUDGET = 64  # tokens kept free after the output for the instruction
 
 def backward_rows(engine: Engine, seed: list[dict[str, str]]) -> list[dict[str, str]]:
     """Seed pairs reversed: the prompt shows the output, the completion is the instruction."""
-    room = max(INSTRUCTION_BUDGET, max(engine.count_tokens(r["instruction"]) for r in seed) + 2)
-    return [{"prompt": backward_prompt(engine, r["output"], room), "completion": r["instruction"]} for r in seed]
+    room = max(INSTRUCTION_BUDGET, max(engine.text.count_tokens(r["instruction"]) for r in seed) + 2)
+    return [{"prompt": backward_prompt(engine.text, r["output"], room), "completion": r["instruction"]} for r in seed]
 
 
 def train_myx(engine: Engine, recipe: Recipe, seed: list[dict[str, str]], work_dir: Any) -> dict:

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from minibt import io
-from minibt.engine import Engine
+from minibt.engine import Inference
 from minibt.errors import MinibtError
 from minibt.recipe import Recipe
 from minibt.roles import TRUNCATED_FOR_RUBRIC, keeps, score_pairs
@@ -26,7 +26,7 @@ from minibt.stages.shards import map_shards
 from minibt.workers import InProcess, Task, Work, Workers
 
 
-def curate(run: RunDir, engine: Engine, recipe: Recipe, round_: int, curator: str, augmented: list[dict[str, Any]],
+def curate(run: RunDir, engine: Inference, recipe: Recipe, round_: int, curator: str, augmented: list[dict[str, Any]],
            workers: Workers | None = None) -> dict[str, Any]:
     """Score every augmented pair with `curator`, in shards on the run's `workers` (default: `engine`,
     in this process); keep those scoring >= curate.threshold.
@@ -68,7 +68,7 @@ def curate(run: RunDir, engine: Engine, recipe: Recipe, round_: int, curator: st
     return counts
 
 
-def curate_shard(engine: Engine, task: Task, progress: Any) -> list[dict[str, Any]]:
+def curate_shard(engine: Inference, task: Task, progress: Any) -> list[dict[str, Any]]:
     """One shard of curation, on any worker's engine (minibt/workers.py): each pair scored and `kept` decided."""
     curator, threshold = task.work.args["curator"], task.work.args["threshold"]
     return [{**r, "kept": keeps(r["score"], threshold)} for r in score_pairs(engine, task.work.recipe, curator, task.rows, progress)]
@@ -77,7 +77,7 @@ def curate_shard(engine: Engine, task: Task, progress: Any) -> list[dict[str, An
 GOOD_RATING = 4  # calibration: pairs rated >= this are the good class
 
 
-def calibrate(run: RunDir, engine: Engine, recipe: Recipe, curator: str) -> tuple[float, dict]:
+def calibrate(run: RunDir, engine: Inference, recipe: Recipe, curator: str) -> tuple[float, dict]:
     """The threshold from human-rated pairs (curate.ratings, else the run's data/ratings.jsonl):
     the midpoint between the curator's mean score on pairs rated >= GOOD_RATING and on the rest."""
     path = recipe.curate.ratings or run.data("ratings")

@@ -7,7 +7,8 @@ At inference minibt uses the seed tag, as the paper does.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from minibt import io, prompts
 from minibt.engine import Engine
@@ -16,14 +17,14 @@ from minibt.roles import RUBRIC_ANSWER_ROOM, forward_prompt, rubric_prompt
 
 
 def forward_rows(engine: Engine, recipe: Recipe, seed: list[dict], augmented: list[dict], rated: Sequence[dict] = ()) -> list[dict[str, str]]:
-    rows = [{"prompt": forward_prompt(engine, recipe, r["instruction"]), "completion": r["output"]} for r in seed]
-    rows += [{"prompt": forward_prompt(engine, recipe, r["instruction"], augmented=True), "completion": r["output"]} for r in augmented]
+    rows = [{"prompt": forward_prompt(engine.text, recipe, r["instruction"]), "completion": r["output"]} for r in seed]
+    rows += [{"prompt": forward_prompt(engine.text, recipe, r["instruction"], augmented=True), "completion": r["output"]} for r in augmented]
     return rows + rating_rows(engine, rated)
 
 
 def rating_rows(engine: Engine, rated: Sequence[dict]) -> list[dict[str, str]]:
     """Rated pairs (curate.teach) as the curator is asked them: the rubric prompt, completion "Score: N"."""
-    return [{"prompt": rubric_prompt(engine, r["instruction"], r["output"], RUBRIC_ANSWER_ROOM),
+    return [{"prompt": rubric_prompt(engine.text, r["instruction"], r["output"], RUBRIC_ANSWER_ROOM),
              "completion": f"{prompts.SCORE_PREFIX} {r['score']}"} for r in rated]
 
 

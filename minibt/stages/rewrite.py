@@ -19,6 +19,7 @@ from typing import Any
 from minibt import prompts
 from minibt.engine import BASE
 from minibt.engine.interface import Inference
+from minibt.engine.text import TextRules
 from minibt.recipe import Recipe
 from minibt.rundir import RunDir
 from minibt.stages.forward import forward_prompt
@@ -52,19 +53,19 @@ def rewrite_adapter(recipe: Recipe, round_: int) -> str:
     return f"m{round_ - 1}" if a == "curator" else a
 
 
-def rewrite_prompt(engine: Inference, recipe: Recipe, instruction: str, text: str) -> str:
-    return clipped_rewrite_prompt(engine, recipe, instruction, text)[0]
+def rewrite_prompt(rules: TextRules, recipe: Recipe, instruction: str, text: str) -> str:
+    return clipped_rewrite_prompt(rules, recipe, instruction, text)[0]
 
 
-def clipped_rewrite_prompt(engine: Inference, recipe: Recipe, instruction: str, text: str) -> tuple[str, bool]:
+def clipped_rewrite_prompt(rules: TextRules, recipe: Recipe, instruction: str, text: str) -> tuple[str, bool]:
     """The rewrite request as a forward prompt (with the seed tag when tags are on: the assistant's
     style), and whether the text was cut to fit. The text is clipped only if the prompt would leave too little room for an answer as long
     as the text (at most max_new_tokens); the engine's generation budget gives each prompt the rest."""
-    head = engine.count_tokens(forward_prompt(engine, recipe, prompts.rewrite_request(instruction, "")))
-    answer = min(recipe.rewrite.max_new_tokens, engine.count_tokens(text) + 8)
-    budget = max(16, recipe.model.max_length - head - answer)
-    clipped, cut = engine.clip(text, budget)
-    return forward_prompt(engine, recipe, prompts.rewrite_request(instruction, clipped)), cut
+    head = rules.count_tokens(forward_prompt(rules, recipe, prompts.rewrite_request(instruction, "")))
+    answer = min(recipe.rewrite.max_new_tokens, rules.count_tokens(text) + 8)
+    budget = max(16, rules.max_length - head - answer)
+    clipped, cut = rules.clip(text, budget)
+    return forward_prompt(rules, recipe, prompts.rewrite_request(instruction, clipped)), cut
 
 
 def guard(row: dict[str, Any], rewrite: str, min_overlap: float) -> dict[str, Any]:
@@ -80,7 +81,7 @@ def rewrite_pairs(engine: Inference, recipe: Recipe, adapter: str, rows: list[di
                   progress: Any = None) -> list[dict[str, Any]]:
     """Each row rewritten by `adapter` and passed through the guard."""
     cfg = recipe.rewrite
-    texts, rows = build_prompts(rows, lambda r: clipped_rewrite_prompt(engine, recipe, r["instruction"], r["output"]), TRUNCATED)
+    texts, rows = build_prompts(rows, lambda r: clipped_rewrite_prompt(engine.text, recipe, r["instruction"], r["output"]), TRUNCATED)
     written = engine.generate(adapter, texts, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                               top_p=cfg.top_p, batch_size=cfg.batch_size, seed=seed, progress=progress)
     return [guard(r, w, cfg.min_overlap) for r, w in zip(rows, written)]

@@ -9,22 +9,23 @@ in logs/<adapter>.json, and its checkpoints are deleted once it is done.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 from minibt import io
-from minibt.engine import clear_checkpoints
-from minibt.report import safe_build_report
+from minibt.engine import Engine, Inference, clear_checkpoints
 from minibt.recipe import Recipe
+from minibt.report import safe_build_report
 from minibt.rundir import WEIGHTS, RunDir
-from minibt.workers import InProcess, Workers, start_workers
+from minibt.workers import InProcess, Workers
 
 
 @dataclass(frozen=True)
 class Stage:
     name: str
-    run: Callable[["Context"], dict[str, Any]]  # does the work; returns its counts for the manifest
+    run: Callable[[Context], dict[str, Any]]  # does the work; returns its counts for the manifest
     outputs: tuple[str, ...] = ()  # the data files (data/<name>.jsonl) it leaves for later stages
     needs: tuple[str, ...] = ()  # adapters it uses: put on the engine before it runs
     adapter: str | None = None  # the adapter it trains (its weights are then its output)
@@ -43,22 +44,24 @@ class Context:
     engine, loaded on first use (a rerun with nothing left to do loads no model), and the workers that
     the shards of stages that spread run on (`close()` stops them)."""
 
-    def __init__(self, rd: RunDir, recipe: Recipe, load_engine: Callable[[], Any]):
+    def __init__(self, rd: RunDir, recipe: Recipe, load_engine: Callable[[], Engine]):
         from minibt.inference import RunInference
 
         self.rd, self.recipe = rd, recipe
-        self._load, self._engine = load_engine, None
+        self._load = load_engine
+        self._engine: Engine | None = None
         self._workers: Workers | None = None
-        self._inference = RunInference(rd, recipe, lambda: self.engine)  # inference.engine: hf, or vLLM of its own
+        self._inference = RunInference(rd, recipe, lambda: self.engine.infer)  # inference.engine: hf, or vLLM of its own
 
     @property
-    def engine(self) -> Any:
+    def engine(self) -> Engine:
+        """The run's engine: training, and the adapters it trains."""
         if self._engine is None:
             self._engine = self._load()
         return self._engine
 
     @property
-    def inference(self) -> Any:
+    def inference(self) -> Inference:
         """The engine inference stages run on (minibt/inference.py): the run's engine, or a vLLM engine
         started on first use."""
         return self._inference.engine()
@@ -72,8 +75,22 @@ class Context:
         return self.start_workers()
 
     def start_workers(self) -> Workers:
+        """The run's workers: this process's engine for workers=1 (Ray never imported), else it and Ray actors,
+        started now, in the background, so that they load the base while this process trains; `close()` stops
+        them (and a local Ray)."""
         if self._workers is None:
-            self._workers = start_workers(self.recipe, self.engine)
+            if self.recipe.inference.workers == 1:
+                self._workers = InProcess(self.engine.infer)
+            else:
+                from minibt.ray_pool import RayWorkers
+
+                pool = RayWorkers(self.recipe, self.engine.infer, self.engine.model_cfg.name)
+                try:
+                    pool.start()
+                except BaseException:
+                    pool.close()
+                    raise
+                self._workers = pool
         return self._workers
 
     def before_training(self, adapter: str) -> None:
@@ -101,9 +118,9 @@ def run_stage(ctx: Context, stage: Stage) -> bool:
             clear_checkpoints(rd.work(stage.adapter))  # left behind if a run was killed just after the stage finished
         return False
     for name in stage.needs:  # trained in this process, or loaded from the run, onto the engine that uses it
-        engine = ctx.engine if stage.adapter else ctx.inference
-        if name not in engine.adapters:
-            engine.load_adapter(name, rd.adapter(name))
+        has = ctx.engine if stage.adapter else ctx.inference
+        if name not in has.adapters:
+            has.load_adapter(name, rd.adapter(name))
     if stage.adapter and stage.adapter in ctx.engine.adapters:  # half-trained by a failed attempt in this process
         ctx.engine.delete_adapter(stage.adapter)
     if stage.adapter:

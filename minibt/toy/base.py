@@ -88,7 +88,7 @@ def pretrain(cfg: WorldConfig, world: World, tokenizer):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # two threads collapse throughput on small VMs (shared/STACK-NOTES.md)
+    torch.set_num_threads(1)  # two threads collapse throughput on small VMs
     try:
         with torch.random.fork_rng():  # seed model init without touching the caller's RNG
             torch.manual_seed(cfg.seed)

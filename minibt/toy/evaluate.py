@@ -11,34 +11,34 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from minibt import io
-from minibt.engine import BASE, Engine
+from minibt.engine import BASE, Inference
 from minibt.recipe import Recipe
-from minibt.rundir import RunDir
 from minibt.roles import MYX, backward_prompt, forward_prompt, round_threshold
+from minibt.rundir import RunDir
 from minibt.toy import metrics
 from minibt.workers import InProcess, Task, Work, Workers
 
 ANSWER_TOKENS = 32  # a toy answer is one sentence
 EVAL_BATCH = 64  # prompts per generation batch (the memory estimate reads it from the evaluate stage)
 
-# What "holds" means for the toy world's claims (issue #3): m1 must beat m0 by this many points, and
+# What "holds" means for the toy world's claims: m1 must beat m0 by this many points, and
 # curation must lift precision this far above the clean share and the correct-pair share this far.
 M1_OVER_M0 = 5.0
 PRECISION_OVER_CLEAN = 10.0
 CURATED_OVER_AUGMENTED = 20.0
 
 
-def forward_answers(engine: Engine, recipe: Recipe, adapter: str, questions: list[dict[str, Any]],
+def forward_answers(engine: Inference, recipe: Recipe, adapter: str, questions: list[dict[str, Any]],
                     augmented_tag: bool = False) -> list[str]:
-    prompts = [forward_prompt(engine, recipe, q["instruction"], augmented=augmented_tag) for q in questions]
+    prompts = [forward_prompt(engine.text, recipe, q["instruction"], augmented=augmented_tag) for q in questions]
     return engine.generate(adapter, prompts, max_new_tokens=ANSWER_TOKENS, batch_size=EVAL_BATCH)
 
 
-def forward_accuracy(engine: Engine, recipe: Recipe, adapter: str, questions: list[dict[str, Any]]) -> float:
+def forward_accuracy(engine: Inference, recipe: Recipe, adapter: str, questions: list[dict[str, Any]]) -> float:
     return metrics.forward_accuracy(forward_answers(engine, recipe, adapter, questions), questions)
 
 
-def evaluate_toy(rd: RunDir, engine: Engine, recipe: Recipe, workers: Workers | None = None) -> dict[str, Any]:
+def evaluate_toy(rd: RunDir, engine: Inference, recipe: Recipe, workers: Workers | None = None) -> dict[str, Any]:
     """The ground-truth metrics of a finished toy run: its part of metrics.json (the caller merges it).
     Its generations (each model's answers, myx's instructions) run on the run's `workers` (default:
     `engine`, in this process), one model's at a time per worker."""
@@ -50,11 +50,11 @@ def evaluate_toy(rd: RunDir, engine: Engine, recipe: Recipe, workers: Workers | 
     last = f"m{rounds}"
     adapters = [BASE, "m0", *(f"m{k}" for k in range(1, rounds + 1)), "m1_uncurated"]
 
-    asked = [forward_prompt(engine, recipe, q["instruction"]) for q in questions]
-    asks = {MYX: (MYX, [backward_prompt(engine, r["text"], 64) for r in backward_eval], 64),
+    asked = [forward_prompt(engine.text, recipe, q["instruction"]) for q in questions]
+    asks = {MYX: (MYX, [backward_prompt(engine.text, r["text"], 64) for r in backward_eval], 64),
             **{a: (a, asked, ANSWER_TOKENS) for a in adapters}}
     if recipe.forward.tags:  # the paper's tags: the last model prompted with the augmented-data tag instead of the seed tag
-        asks["tagged"] = (last, [forward_prompt(engine, recipe, q["instruction"], augmented=True) for q in questions], ANSWER_TOKENS)
+        asks["tagged"] = (last, [forward_prompt(engine.text, recipe, q["instruction"], augmented=True) for q in questions], ANSWER_TOKENS)
     said = _generate(rd, recipe, asks, workers or InProcess(engine))
 
     written = said[MYX]
@@ -106,7 +106,7 @@ def _generate(rd: RunDir, recipe: Recipe, asks: dict[str, tuple[str, list[str], 
     return {n: [r["text"] for r in done[k]] for k, n in enumerate(names)}
 
 
-def generate_task(engine: Engine, task: Task, progress: Any) -> list[dict[str, Any]]:
+def generate_task(engine: Inference, task: Task, progress: Any) -> list[dict[str, Any]]:
     """One model's generations of the evaluation, on any worker's engine (minibt/workers.py): greedy."""
     first = task.rows[0]
     texts = engine.generate(first["adapter"], [r["prompt"] for r in task.rows], max_new_tokens=first["max_new_tokens"],

@@ -5,9 +5,8 @@ All return percentages (0-100) rounded to 0.1; an empty denominator gives 0.0.
 
 from __future__ import annotations
 
-from typing import Sequence
-
 import re
+from collections.abc import Sequence
 
 from minibt.toy.world import ANSWER_FORMS, answer_is_correct, instruction_asks_for
 

@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from minibt import io
-from minibt.worlds import World
 from minibt.toy.world import WorldConfig, build_world
+from minibt.worlds import World
 
 
 def toy_world(recipe: Any) -> tuple[WorldConfig, Any]:

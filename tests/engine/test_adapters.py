@@ -22,8 +22,8 @@ def test_only_the_active_role_is_trainable_after_switches(engine):
 
 def test_generation_with_an_adapter_differs_from_the_base(engine):
     prompt = [pairs(engine, 1)[0]["prompt"]]
-    with_adapter = engine.generate("m0", prompt, max_new_tokens=6)
-    base = engine.generate("base", prompt, max_new_tokens=6)
+    with_adapter = engine.infer.generate("m0", prompt, max_new_tokens=6)
+    base = engine.infer.generate("base", prompt, max_new_tokens=6)
     assert with_adapter != base
 
 
@@ -31,16 +31,16 @@ def test_switching_adapters_switches_what_the_model_says(engine, tmp_path):
     """Two adapters trained on different answers to the same prompts: each greedy output is its own
     adapter's answer, and switching back and forth (through the base) reproduces each exactly."""
     cfg = TrainSection(epochs=1, max_steps=40, batch_size=8, learning_rate=1e-2, warmup_ratio=0.0, save_steps=0)
-    prompts = [engine.render([{"role": "user", "content": f"what is the {w}"}]) for w in WORDS]
+    prompts = [engine.text.render([{"role": "user", "content": f"what is the {w}"}]) for w in WORDS]
     for name, color in (("red", "red"), ("blue", "blue")):
         rows = [{"prompt": p, "completion": f"the {w} is {color}."} for p, w in zip(prompts, WORDS)] * 2
         engine.train(name, rows, cfg, tmp_path / name)
     try:
-        first = {name: engine.generate(name, prompts, max_new_tokens=8) for name in ("red", "blue", "base")}
+        first = {name: engine.infer.generate(name, prompts, max_new_tokens=8) for name in ("red", "blue", "base")}
         assert sum("red" in t for t in first["red"]) >= 6 and not any("blue" in t for t in first["red"]), first
         assert sum("blue" in t for t in first["blue"]) >= 6 and not any("red" in t for t in first["blue"]), first
         for name in ("blue", "base", "red", "blue", "red", "base"):
-            assert engine.generate(name, prompts, max_new_tokens=8) == first[name], f"{name} after a switch"
+            assert engine.infer.generate(name, prompts, max_new_tokens=8) == first[name], f"{name} after a switch"
     finally:
         engine.delete_adapter("red")
         engine.delete_adapter("blue")
@@ -48,12 +48,12 @@ def test_switching_adapters_switches_what_the_model_says(engine, tmp_path):
 
 def test_adapters_reload_from_disk_with_the_same_scores(engine, tmp_path):
     prompts = [p["prompt"] for p in pairs(engine, 4)]
-    before, _ = engine.next_token_probs("m0", prompts, "Score:", list("12345"))
+    before, _ = engine.infer.next_token_probs("m0", prompts, "Score:", list("12345"))
     engine.save_adapter("m0", tmp_path / "m0")
     assert (tmp_path / "m0" / "adapter_model.safetensors").exists()
     assert (tmp_path / "m0" / "chat_template.jinja").exists() or "chat_template" in (tmp_path / "m0" / "tokenizer_config.json").read_text()
     engine.load_adapter("m0_again", tmp_path / "m0")
-    after, _ = engine.next_token_probs("m0_again", prompts, "Score:", list("12345"))
+    after, _ = engine.infer.next_token_probs("m0_again", prompts, "Score:", list("12345"))
     assert after == pytest.approx(before, abs=1e-6)
     engine.delete_adapter("m0_again")
 
@@ -79,4 +79,4 @@ def test_adapter_names_are_checked(engine):
     with pytest.raises(MinibtError, match="reserved"):
         engine.add_adapter("forward")  # collides with nn.Module.forward inside peft
     with pytest.raises(MinibtError, match="does not exist"):
-        engine.generate("m7", ["x"], max_new_tokens=1)
+        engine.infer.generate("m7", ["x"], max_new_tokens=1)

@@ -42,35 +42,35 @@ def words(n: int) -> str:
 
 def test_long_request_keeps_the_prompt_whole(engine, caplog):
     """The old rule kept max(1, context - asked) = 1 prompt token here, silently."""
-    prompt = engine.render([{"role": "user", "content": words(2)}])  # 35 of the 64 tokens
-    before = engine.truncated
+    prompt = engine.text.render([{"role": "user", "content": words(2)}])  # 35 of the 64 tokens
+    before = engine.text.truncated
     with caplog.at_level(logging.WARNING, logger="minibt"):
-        out = engine.generate("m0", [prompt], max_new_tokens=256)
-    assert engine.truncated == before and not caplog.records
+        out = engine.infer.generate("m0", [prompt], max_new_tokens=256)
+    assert engine.text.truncated == before and not caplog.records
     ids = engine.tokenizer(prompt)["input_ids"]
-    assert engine.infer.fit([prompt], 256) == ([ids], [CONTEXT - len(ids)])
+    assert engine.text.fit([prompt], 256) == ([ids], [CONTEXT - len(ids)])
     # asking for exactly the room the prompt leaves gives the same text
-    assert out == engine.generate("m0", [prompt], max_new_tokens=CONTEXT - len(ids))
-    assert out != engine.generate("m0", [prompt], max_new_tokens=CONTEXT - len(ids) - 10)  # the budget is used
+    assert out == engine.infer.generate("m0", [prompt], max_new_tokens=CONTEXT - len(ids))
+    assert out != engine.infer.generate("m0", [prompt], max_new_tokens=CONTEXT - len(ids) - 10)  # the budget is used
 
 
 def test_prompt_longer_than_the_context_is_clipped_counted_and_reported(engine, caplog):
-    long_prompt = engine.render([{"role": "user", "content": words(40)}])
+    long_prompt = engine.text.render([{"role": "user", "content": words(40)}])
     assert len(engine.tokenizer(long_prompt)["input_ids"]) > CONTEXT
-    before = engine.truncated
+    before = engine.text.truncated
     with caplog.at_level(logging.WARNING, logger="minibt"):
-        out = engine.generate("m0", [long_prompt, long_prompt], max_new_tokens=256)
-    assert engine.truncated == before + 2
+        out = engine.infer.generate("m0", [long_prompt, long_prompt], max_new_tokens=256)
+    assert engine.text.truncated == before + 2
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and warnings[0].startswith("2 of 2 prompts") and "model.max_length=64" in warnings[0]
     assert all(out), "a clipped prompt still generates"
 
 
 def test_streaming_follows_the_same_rule(engine, caplog):
-    long_prompt = engine.render([{"role": "user", "content": words(40)}])
+    long_prompt = engine.text.render([{"role": "user", "content": words(40)}])
     pieces = []
     with caplog.at_level(logging.WARNING, logger="minibt"):
-        reply = engine.stream("m0", long_prompt, 256, 0.0, 1.0, pieces.append)
+        reply = engine.infer.stream("m0", long_prompt, 256, 0.0, 1.0, pieces.append)
     assert reply and "".join(pieces).strip() == reply
     assert any("1 of 1 prompts" in r.getMessage() for r in caplog.records)
 
@@ -78,9 +78,9 @@ def test_streaming_follows_the_same_rule(engine, caplog):
 def test_rows_of_one_batch_keep_their_own_budgets(engine):
     """Mixed prompt lengths in one batch (27-107 tokens: budgets 37, 29, 21 and 16 after clipping):
     each row stops at its own budget, as it would alone."""
-    prompts = [engine.render([{"role": "user", "content": words(k)}]) for k in (1, 2, 3, 11)]
-    batched = engine.generate("m0", prompts, max_new_tokens=40, batch_size=4)
-    single = [engine.generate("m0", [p], max_new_tokens=40)[0] for p in prompts]
+    prompts = [engine.text.render([{"role": "user", "content": words(k)}]) for k in (1, 2, 3, 11)]
+    batched = engine.infer.generate("m0", prompts, max_new_tokens=40, batch_size=4)
+    single = [engine.infer.generate("m0", [p], max_new_tokens=40)[0] for p in prompts]
     assert batched == single
 
 

@@ -88,12 +88,12 @@ def test_a_trained_adapter_scores_the_same_on_the_folder_as_on_nf4(engine, cache
     plain = Engine.load(dataclasses.replace(engine.model_cfg, name=folder, quantization="none", dtype="float32"),
                         LoraSection(r=8, alpha=16), seed=0)
     plain.load_adapter("m0", tmp_path / "m0")
-    texts = [engine.render(prompts.rubric_messages(f"what is the {w}", f"the {w} is red.")) for w in WORDS]
-    want, want_mass = engine.next_token_probs("m0", texts, prompts.SCORE_PREFIX, prompts.SCORE_CHOICES)
-    got, mass = plain.next_token_probs("m0", texts, prompts.SCORE_PREFIX, prompts.SCORE_CHOICES)
+    texts = [engine.text.render(prompts.rubric_messages(f"what is the {w}", f"the {w} is red.")) for w in WORDS]
+    want, want_mass = engine.infer.next_token_probs("m0", texts, prompts.SCORE_PREFIX, prompts.SCORE_CHOICES)
+    got, mass = plain.infer.next_token_probs("m0", texts, prompts.SCORE_PREFIX, prompts.SCORE_CHOICES)
     assert np.abs(got - want).max() < 1e-5 and np.allclose(mass, want_mass, rtol=1e-4)
     original = Engine.load(dataclasses.replace(engine.model_cfg, quantization="none", dtype="float32"),
                            LoraSection(r=8, alpha=16), seed=0)
     original.load_adapter("m0", tmp_path / "m0")
-    other, _ = original.next_token_probs("m0", texts, prompts.SCORE_PREFIX, prompts.SCORE_CHOICES)
+    other, _ = original.infer.next_token_probs("m0", texts, prompts.SCORE_PREFIX, prompts.SCORE_CHOICES)
     assert np.abs(other - want).max() > 1e-3  # the original weights: other scores (0.004 here)

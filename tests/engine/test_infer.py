@@ -9,7 +9,7 @@ import torch
 
 from minibt import prompts as prompt_text
 from minibt import stack_guards
-from minibt.engine import Engine, Inference
+from minibt.engine import Engine
 from minibt.errors import MinibtError
 from minibt.recipe import LoraSection, ModelSection, TrainSection
 from tiny_engine import pairs
@@ -21,15 +21,10 @@ def _prompts(e: Engine, n: int = 6) -> list[str]:
     return [p["prompt"] + " north" * k for k, p in enumerate(pairs(e, n))]  # mixed lengths: left padding
 
 
-def test_the_engine_and_its_inference_implement_the_seam(engine):
-    assert isinstance(engine, Inference) and isinstance(engine.infer, Inference)
-    assert engine.name == engine.infer.name == "hf"
-
-
 def test_scoring_a_batch_equals_scoring_one_by_one(engine):
     prompts = [p["prompt"] + "x" * k for k, p in enumerate(pairs(engine, 6))]  # different lengths: padding
-    batch, mass = engine.next_token_probs("m0", prompts, "Score:", CHOICES, batch_size=6)
-    single = [engine.next_token_probs("m0", [p], "Score:", CHOICES)[0][0] for p in prompts]
+    batch, mass = engine.infer.next_token_probs("m0", prompts, "Score:", CHOICES, batch_size=6)
+    single = [engine.infer.next_token_probs("m0", [p], "Score:", CHOICES)[0][0] for p in prompts]
     assert batch == pytest.approx(torch.tensor(single).numpy(), abs=2e-3)
     assert batch.sum(axis=1) == pytest.approx(1.0)
     assert ((mass > 0) & (mass <= 1)).all()
@@ -37,16 +32,16 @@ def test_scoring_a_batch_equals_scoring_one_by_one(engine):
 
 def test_completion_logprobs_prefer_what_was_trained(engine):
     prompt = pairs(engine, 1)[0]["prompt"]
-    good, bad = engine.completion_logprobs("m0", [prompt, prompt], ["the king is red.", "south mountain the the"])
+    good, bad = engine.infer.completion_logprobs("m0", [prompt, prompt], ["the king is red.", "south mountain the the"])
     assert good > bad
-    assert good > engine.completion_logprobs("base", [prompt], ["the king is red."])[0]  # m0 learned it
+    assert good > engine.infer.completion_logprobs("base", [prompt], ["the king is red."])[0]  # m0 learned it
 
 
 def test_compacting_decode_matches_generate_greedily(engine):
     """The engine's own decode loop drops finished rows; greedy outputs must equal HF generate's."""
     prompts = [p["prompt"] + "x" * k for k, p in enumerate(pairs(engine, 8))]
-    ours = engine.generate("m0", prompts, max_new_tokens=10, batch_size=8)
-    encoded = engine.infer.encode(prompts, room=10)
+    ours = engine.infer.generate("m0", prompts, max_new_tokens=10, batch_size=8)
+    encoded = engine.text.encode(prompts, room=10)
     with engine.use("m0"), torch.no_grad():
         ids, mask = engine.infer.left_pad(encoded)
         out = engine.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10, do_sample=False,
@@ -60,22 +55,22 @@ def test_sampling_follows_the_calls_seed_whatever_ran_before(engine):
     after other sampling, another seed other texts, and torch's global generator is left alone."""
     prompts = _prompts(engine, 6)
     kwargs = dict(max_new_tokens=10, temperature=1.0, top_p=0.95, batch_size=2)
-    first = engine.generate("myx", prompts, seed=5, **kwargs)
-    engine.generate("myx", prompts, seed=6, **kwargs)
+    first = engine.infer.generate("myx", prompts, seed=5, **kwargs)
+    engine.infer.generate("myx", prompts, seed=6, **kwargs)
     untouched = torch.manual_seed(99).get_state()
-    assert engine.generate("myx", prompts, seed=5, **kwargs) == first
+    assert engine.infer.generate("myx", prompts, seed=5, **kwargs) == first
     assert torch.equal(torch.random.get_rng_state(), untouched)
-    assert engine.generate("myx", prompts, seed=6, **kwargs) != first
+    assert engine.infer.generate("myx", prompts, seed=6, **kwargs) != first
 
 
 def test_clip_says_whether_it_cut(engine):
-    before = engine.truncated
+    before = engine.text.truncated
     long = " ".join(["the king is red"] * 20)
-    text, cut = engine.clip(long, 10)
-    assert cut and engine.count_tokens(text) <= 10 and long.startswith(text)
-    assert engine.clip("the king", 10) == ("the king", False)
-    assert engine.clip_text(long, 10) == text
-    assert engine.truncated == before + 2  # the two cuts, counted over the engine's life
+    text, cut = engine.text.clip(long, 10)
+    assert cut and engine.text.count_tokens(text) <= 10 and long.startswith(text)
+    assert engine.text.clip("the king", 10) == ("the king", False)
+    assert engine.text.clip_text(long, 10) == text
+    assert engine.text.truncated == before + 2  # the two cuts, counted over the engine's life
 
 
 # --- out of memory: halve the batch and retry --------------------------------------------------
@@ -93,12 +88,12 @@ def _oom_above(limit: int, calls: list[int]):
 
 def test_inference_halves_the_batch_on_out_of_memory(engine):
     prompts = [p["prompt"] for p in pairs(engine, 8)]
-    want, _ = engine.next_token_probs("m0", prompts, "Score:", CHOICES, batch_size=8)
+    want, _ = engine.infer.next_token_probs("m0", prompts, "Score:", CHOICES, batch_size=8)
     calls: list[int] = []
     handle = engine.model.get_base_model().register_forward_pre_hook(_oom_above(2, calls), with_kwargs=True)
     try:
-        got, _ = engine.next_token_probs("m0", prompts, "Score:", CHOICES, batch_size=8)
-        texts = engine.generate("m0", prompts[:3], max_new_tokens=2, batch_size=8)
+        got, _ = engine.infer.next_token_probs("m0", prompts, "Score:", CHOICES, batch_size=8)
+        texts = engine.infer.generate("m0", prompts[:3], max_new_tokens=2, batch_size=8)
     finally:
         handle.remove()
     batches = calls[1:] if calls[0] == 1 else calls  # [1]: the shared-prefix pass (the prefix cache)
@@ -112,10 +107,10 @@ def test_inference_halves_the_batch_on_out_of_memory(engine):
 def test_prefix_cache_scores_exactly_like_full_prompts(random_lora_engine):
     e = random_lora_engine
     head = "tell me about the north and the south and the large old city of the king. " * 3
-    texts = [e.render([{"role": "user", "content": head + tail}])
+    texts = [e.text.render([{"role": "user", "content": head + tail}])
              for tail in ("red", "the blue river", "a", "what is the color of the small queen", "five")]
     full, full_mass = e.infer.variant(prefix_cache=False).next_token_probs("rater", texts, "Score:", CHOICES, batch_size=2)
-    cached, cached_mass = e.next_token_probs("rater", texts, "Score:", CHOICES, batch_size=2)
+    cached, cached_mass = e.infer.next_token_probs("rater", texts, "Score:", CHOICES, batch_size=2)
     assert np.allclose(full, cached, atol=1e-5) and np.allclose(full_mass, cached_mass, atol=1e-5)
 
 
@@ -124,7 +119,7 @@ def test_prefix_cache_generates_exactly_like_full_prompts(random_lora_engine):
     or greedy, as running every prompt whole; and the head is really shared here."""
     e = random_lora_engine
     head = "write the instruction that the following text is the answer to, in the north and the south. "
-    texts = [e.render([{"role": "user", "content": head + tail}])
+    texts = [e.text.render([{"role": "user", "content": head + tail}])
              for tail in ("the king is red.", "a", "the small old river is blue and the city is new.", "five")]
     with e.use("myx"):
         assert e.infer.shared_head(e.tokenizer(texts)["input_ids"])[0] >= 16
@@ -198,10 +193,10 @@ def test_fp16_mixed_length_batches_are_finite_and_equal_one_by_one(tiny_model_di
     prompts = _prompts(e)
     logits: list[torch.Tensor] = []
     hook = e.model.get_base_model().register_forward_hook(lambda m, a, out: logits.append(out.logits))
-    batch, _ = e.next_token_probs("m0", prompts, "Score:", CHOICES, batch_size=6)
-    single = [e.next_token_probs("m0", [p], "Score:", CHOICES)[0][0] for p in prompts]
-    texts = e.generate("m0", prompts, max_new_tokens=6, batch_size=6)
-    one_by_one = [e.generate("m0", [p], max_new_tokens=6)[0] for p in prompts]
+    batch, _ = e.infer.next_token_probs("m0", prompts, "Score:", CHOICES, batch_size=6)
+    single = [e.infer.next_token_probs("m0", [p], "Score:", CHOICES)[0][0] for p in prompts]
+    texts = e.infer.generate("m0", prompts, max_new_tokens=6, batch_size=6)
+    one_by_one = [e.infer.generate("m0", [p], max_new_tokens=6)[0] for p in prompts]
     hook.remove()
     assert all(t.dtype == torch.float16 or t.dtype == torch.float32 for t in logits)
     assert all(bool(torch.isfinite(t).all()) for t in logits), "every fp16 forward gave finite logits"
@@ -211,4 +206,4 @@ def test_fp16_mixed_length_batches_are_finite_and_equal_one_by_one(tiny_model_di
 
 def test_a_choice_that_is_not_one_token_is_refused(engine):
     with pytest.raises(MinibtError, match="does not write score"):
-        engine.choice_ids(prompt_text.SCORE_PREFIX, ["12345", "1"])
+        engine.text.choice_ids(prompt_text.SCORE_PREFIX, ["12345", "1"])

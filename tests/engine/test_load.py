@@ -58,7 +58,7 @@ def test_a_local_base_without_safetensors_is_refused(tmp_path):
         load.load_base(ModelSection(name=str(tmp_path)))
 
 
-# --- the bitsandbytes CPU gradient trap (STACK-NOTES) ----------------------------------------
+# --- the bitsandbytes CPU gradient trap ----------------------------------------------------
 
 
 def test_lora_gradients_are_right_after_inference_on_cpu_4bit(tiny_model_dir):
@@ -102,7 +102,7 @@ def test_a_prequantized_repo_computes_in_the_recipes_dtype(prequantized_dir):
     layers = [m for m in e.model.modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert layers and {m.compute_dtype for m in layers} == {torch.float32}
     assert e.model.config.quantization_config.bnb_4bit_compute_dtype == torch.float32
-    probs, _ = e.next_token_probs("base", [p["prompt"] for p in pairs(e, 2)], "Score:", CHOICES)
+    probs, _ = e.infer.next_token_probs("base", [p["prompt"] for p in pairs(e, 2)], "Score:", CHOICES)
     assert probs.shape == (2, 5)
 
 

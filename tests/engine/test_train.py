@@ -143,8 +143,8 @@ e = Engine.load(ModelSection(name=model_dir, max_length=128, dtype="bfloat16"), 
 out = {}
 for name in ("m0", "probe"):
     e.load_adapter(name, f"{adapters}/{name}")
-    out[name] = [e.next_token_probs(name, prompts, "Score:", list("12345"))[0].tolist(),
-                 e.completion_logprobs(name, prompts, completions).tolist()]
+    out[name] = [e.infer.next_token_probs(name, prompts, "Score:", list("12345"))[0].tolist(),
+                 e.infer.completion_logprobs(name, prompts, completions).tolist()]
 print("RESULT " + json.dumps(out))
 """
 
@@ -168,8 +168,8 @@ def test_bf16_training_leaves_no_autocast_wrapper_and_scores_as_a_fresh_process(
     prompts = _prompts(e)
     completions = [p["completion"] for p in pairs(e, len(prompts))]
     autocast.clear()
-    here = {name: [e.next_token_probs(name, prompts, "Score:", CHOICES)[0].tolist(),
-                   e.completion_logprobs(name, prompts, completions).tolist()] for name in ("m0", "probe")}
+    here = {name: [e.infer.next_token_probs(name, prompts, "Score:", CHOICES)[0].tolist(),
+                   e.infer.completion_logprobs(name, prompts, completions).tolist()] for name in ("m0", "probe")}
     assert autocast and not any(autocast), "scoring after training runs as loaded, not under autocast"
     for name in here:
         e.save_adapter(name, tmp_path / "saved" / name)

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from minibt import prompts
-from minibt.engine import Engine, Inference
+from minibt.engine import Engine
 from minibt.errors import MinibtError
 from minibt.recipe import InferenceSection, LoraSection, ModelSection, TrainSection
 from tiny_engine import WORDS, pairs
@@ -70,7 +70,7 @@ def _served(tiny_model_dir, tmp, VllmEngine):
 
 
 def questions(hf, n: int = 24) -> list[str]:
-    return [hf.render([{"role": "user", "content": f"what is the {w} of the {v}"}]) for w in WORDS for v in WORDS][:n]
+    return [hf.text.render([{"role": "user", "content": f"what is the {w} of the {v}"}]) for w in WORDS for v in WORDS][:n]
 
 
 def test_engine_args_follow_the_recipe_and_the_device():
@@ -124,9 +124,9 @@ def test_the_start_leaves_this_process_as_it_was(served):
 
 
 @pytest.mark.vllm
-def test_it_is_an_inference_engine(served):
+def test_it_serves_the_dequantized_base_and_the_adapters(served):
     hf, engine, _ = served
-    assert isinstance(engine, Inference) and engine.name == "vllm"
+    assert engine.name == "vllm" and hf.infer.name == "hf"
     from minibt.engine.dequantize import dequantized_base
 
     model = engine.llms[0].llm_engine.vllm_config.model_config
@@ -141,7 +141,7 @@ def test_greedy_generation_agrees_with_the_hf_engine(served):
     hf, engine, _ = served
     qs = questions(hf)
     for adapter in ("myx", "m0", "base"):
-        ours, theirs = engine.generate(adapter, qs, 12), hf.generate(adapter, qs, 12, batch_size=8)
+        ours, theirs = engine.generate(adapter, qs, 12), hf.infer.generate(adapter, qs, 12, batch_size=8)
         same = sum(a == b for a, b in zip(ours, theirs))
         assert same >= 0.9 * len(qs), (adapter, same, list(zip(ours, theirs))[:3])
     assert engine.generate("myx", qs, 12) != engine.generate("m0", qs, 12)
@@ -176,9 +176,9 @@ def test_sampling_depends_on_the_call_and_its_seed_alone(served):
 def test_rubric_probabilities_match_the_hf_engine(served):
     """The five digits' probabilities come back whatever their rank (logprob_token_ids): raw mass included."""
     hf, engine, _ = served
-    texts = [hf.render(prompts.rubric_messages(f"what is the {w}", f"the {w} is red.")) for w in WORDS]
+    texts = [hf.text.render(prompts.rubric_messages(f"what is the {w}", f"the {w} is red.")) for w in WORDS]
     ours, mass = engine.next_token_probs("m0", texts, prompts.SCORE_PREFIX, prompts.SCORE_CHOICES)
-    theirs, their_mass = hf.next_token_probs("m0", texts, prompts.SCORE_PREFIX, prompts.SCORE_CHOICES)
+    theirs, their_mass = hf.infer.next_token_probs("m0", texts, prompts.SCORE_PREFIX, prompts.SCORE_CHOICES)
     assert ours.shape == (len(WORDS), 5) and np.allclose(ours.sum(1), 1)
     assert np.abs(ours - theirs).max() < 2e-3 and np.allclose(mass, their_mass, rtol=2e-3, atol=1e-6)
     assert mass.max() < 0.5  # the digits are rare after the tiny model's rubric: they were not in any top-k
@@ -193,7 +193,7 @@ def test_completion_logprobs_match_the_hf_engine_with_and_without_an_adapter(ser
     answers = [f"the {w} is red." for w in WORDS * 2]
     for adapter, given in (("m0", qs), ("base", [""] * len(qs))):
         ours = engine.completion_logprobs(adapter, given, answers)
-        theirs = hf.completion_logprobs(adapter, given, answers)
+        theirs = hf.infer.completion_logprobs(adapter, given, answers)
         assert np.abs(ours - theirs).max() < 5e-3, adapter
     assert not np.allclose(engine.completion_logprobs("m0", qs, answers), engine.completion_logprobs("base", qs, answers))
 
@@ -209,7 +209,7 @@ def test_an_adapter_trained_after_the_start_is_served_without_a_restart(served):
         hf.train("late", pairs(hf)[3:], dataclasses.replace(TRAIN, max_steps=steps), tmp / "work" / f"late{steps}")
         hf.save_adapter("late", tmp / "adapters" / "late")
         engine.load_adapter("late", tmp / "adapters" / "late")
-        ours, theirs = engine.generate("late", qs, 12), hf.generate("late", qs, 12, batch_size=8)
+        ours, theirs = engine.generate("late", qs, 12), hf.infer.generate("late", qs, 12, batch_size=8)
         assert sum(a == b for a, b in zip(ours, theirs)) >= 0.9 * len(qs), steps
     assert engine.llms[0] is llm and engine.adapters == ["myx", "m0", "late"]
     engine.delete_adapter("late")
@@ -220,16 +220,16 @@ def test_budgets_and_clipping_follow_the_hf_engine(served):
     """A prompt never loses tokens to make room; one too long for the context is clipped from the left
     and counted, exactly as the HF engine does."""
     hf, engine, _ = served
-    long = hf.render([{"role": "user", "content": " ".join(WORDS * 12)}])
+    long = hf.text.render([{"role": "user", "content": " ".join(WORDS * 12)}])
     short = questions(hf, 1)[0]
-    before, hf_before = engine.truncated, hf.truncated
+    before, hf_before = engine.text.truncated, hf.text.truncated
     engine.generate("m0", [long, short], 40)
-    hf.generate("m0", [long, short], 40)
-    assert engine.truncated - before == hf.truncated - hf_before == 1
-    ids, budgets = engine.fit([long, short], 40)
-    assert (ids, budgets) == hf.infer.fit([long, short], 40)
+    hf.infer.generate("m0", [long, short], 40)
+    assert engine.text.truncated - before == hf.text.truncated - hf_before == 1
+    ids, budgets = engine.text.fit([long, short], 40)
+    assert (ids, budgets) == hf.text.fit([long, short], 40)
     assert budgets == [16, 40] and len(ids[0]) == 96 - 16  # the floor a clipped prompt keeps (MIN_NEW_TOKENS)
-    assert engine.clip("one two three four", 2) == hf.clip("one two three four", 2)
+    assert engine.text.clip("one two three four", 2) == hf.text.clip("one two three four", 2)
 
 
 @pytest.mark.vllm

@@ -4,6 +4,8 @@ kept rows; calibration's threshold midway between the curator's mean scores on p
 
 from __future__ import annotations
 
+import types
+
 import pytest
 
 from minibt import io
@@ -30,12 +32,12 @@ def rubric(threshold: float) -> Recipe:
 
 
 def test_every_usable_pair_is_scored_and_kept_is_the_threshold_rule(stage_engine, tmp_path):
-    first = curate(run_dir(tmp_path / "a"), stage_engine, rubric(1.0), 1, "m0", PAIRS + EMPTY)
+    first = curate(run_dir(tmp_path / "a"), stage_engine.infer, rubric(1.0), 1, "m0", PAIRS + EMPTY)
     scores = [r["score"] for r in io.read_jsonl(tmp_path / "a" / "data" / "scored_r1.jsonl")]
     assert first["kept"] == len(scores) == len(PAIRS) and len(set(scores)) > 1, scores
     # a threshold inside the scores' range, one pair's own score: the pairs below it are dropped, that one kept
     threshold = sorted(scores)[len(scores) // 2]
-    counts = curate(run_dir(tmp_path / "b"), stage_engine, rubric(threshold), 1, "m0", PAIRS + EMPTY + COPY)
+    counts = curate(run_dir(tmp_path / "b"), stage_engine.infer, rubric(threshold), 1, "m0", PAIRS + EMPTY + COPY)
     scored = io.read_jsonl(tmp_path / "b" / "data" / "scored_r1.jsonl")
     curated = io.read_jsonl(tmp_path / "b" / "data" / "curated_r1.jsonl")
     assert [r["id"] for r in scored] == [p["id"] for p in PAIRS], "every usable pair, in order; the empty ones and the copy left out"
@@ -59,13 +61,10 @@ class KnownCurator:
     log-probability minus the base's (0 here) is SCORES[output]."""
 
     adapters = ["m0"]
-    truncated = 0
 
     def __init__(self, scores: dict[str, float]):
         self.scores = scores
-
-    def render(self, messages, add_generation_prompt=True):
-        return "\n".join(m["content"] for m in messages)
+        self.text = types.SimpleNamespace(render=lambda messages, add_generation_prompt=True: "\n".join(m["content"] for m in messages))
 
     def completion_logprobs(self, adapter, prompts, completions, batch_size=16, progress=None):
         return [0.0 if adapter == "base" else self.scores[c] for c in completions]

@@ -29,9 +29,9 @@ def test_rated_pairs_join_the_rows_as_the_curator_is_asked_them(engine):
     recipe = Recipe(curate=CurateSection(teach=True))
     plain = forward_rows(engine, recipe, SEED, [])
     rows = forward_rows(engine, recipe, SEED, [], RATED)
-    assert rows[: len(plain)] == plain == [{"prompt": forward_prompt(engine, recipe, SEED[0]["instruction"]), "completion": "The king is red."}]
+    assert rows[: len(plain)] == plain == [{"prompt": forward_prompt(engine.text, recipe, SEED[0]["instruction"]), "completion": "The king is red."}]
     assert rows[len(plain):] == [
-        {"prompt": rubric_prompt(engine, r["instruction"], r["output"], RUBRIC_ANSWER_ROOM), "completion": f"Score: {r['score']}"}
+        {"prompt": rubric_prompt(engine.text, r["instruction"], r["output"], RUBRIC_ANSWER_ROOM), "completion": f"Score: {r['score']}"}
         for r in RATED
     ]
 

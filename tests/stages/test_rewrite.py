@@ -60,7 +60,7 @@ def run_dir(path) -> RunDir:
 
 
 def test_stage_writes_rows_with_their_original_and_counts_that_match(engine, tmp_path):
-    counts = rw.rewrite(run_dir(tmp_path), engine, recipe(min_overlap=0.0), 1, CURATED)
+    counts = rw.rewrite(run_dir(tmp_path), engine.infer, recipe(min_overlap=0.0), 1, CURATED)
     rows = io.read_jsonl(tmp_path / "data" / "rewritten_r1.jsonl")
     assert [r["original_output"] for r in rows] == [r["output"] for r in CURATED]
     assert all(r["output"] == (r["rewrite"] if r["rewrite_used"] else r["original_output"]) for r in rows)
@@ -69,7 +69,7 @@ def test_stage_writes_rows_with_their_original_and_counts_that_match(engine, tmp
     assert counts["rewritten"] + counts["kept_original"] == 5
     assert counts["kept_original"] == counts["empty_rewrites"]  # min_overlap 0: only empty rewrites are refused
     # the same rewrites under the strictest guard: only those keeping every content word replace the text
-    strict = rw.rewrite(run_dir(tmp_path / "strict"), engine, recipe(min_overlap=1.0), 1, CURATED)
+    strict = rw.rewrite(run_dir(tmp_path / "strict"), engine.infer, recipe(min_overlap=1.0), 1, CURATED)
     strict_rows = io.read_jsonl(tmp_path / "strict" / "data" / "rewritten_r1.jsonl")
     assert [r["rewrite"] for r in strict_rows] == [r["rewrite"] for r in rows]  # greedy: the same text
     assert strict["rewritten"] == sum(r["rewrite_overlap"] == 1.0 and bool(r["rewrite"].strip()) for r in rows)
@@ -77,10 +77,10 @@ def test_stage_writes_rows_with_their_original_and_counts_that_match(engine, tmp
 
 def test_a_resumed_sampled_rewrite_equals_an_uninterrupted_one(engine, tmp_path, monkeypatch):
     sampled = recipe(temperature=1.0, top_p=0.9)
-    want = rw.rewrite(run_dir(tmp_path / "whole"), engine, sampled, 1, CURATED)
+    want = rw.rewrite(run_dir(tmp_path / "whole"), engine.infer, sampled, 1, CURATED)
     want_rows = io.read_jsonl(tmp_path / "whole" / "data" / "rewritten_r1.jsonl")
 
-    real, calls = engine.generate, []
+    real, calls = engine.infer.generate, []
 
     def dies_on_the_second_shard(*args, **kwargs):
         calls.append(1)
@@ -88,13 +88,13 @@ def test_a_resumed_sampled_rewrite_equals_an_uninterrupted_one(engine, tmp_path,
             raise KeyboardInterrupt  # a Ctrl-C in the middle of the stage
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(engine, "generate", dies_on_the_second_shard)
+    monkeypatch.setattr(engine.infer, "generate", dies_on_the_second_shard)
     with pytest.raises(KeyboardInterrupt):
-        rw.rewrite(run_dir(tmp_path / "killed"), engine, sampled, 1, CURATED)
+        rw.rewrite(run_dir(tmp_path / "killed"), engine.infer, sampled, 1, CURATED)
     assert sorted(p.name for p in (tmp_path / "killed" / "data" / "rewritten_r1.shards").iterdir()) == ["00000.jsonl"]
     calls.clear()
-    monkeypatch.setattr(engine, "generate", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
-    got = rw.rewrite(run_dir(tmp_path / "killed"), engine, sampled, 1, CURATED)
+    monkeypatch.setattr(engine.infer, "generate", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    got = rw.rewrite(run_dir(tmp_path / "killed"), engine.infer, sampled, 1, CURATED)
     assert len(calls) == 2, "the finished shard is reused: shards 1 and 2 only"
     assert io.read_jsonl(tmp_path / "killed" / "data" / "rewritten_r1.jsonl") == want_rows
     assert got == want
@@ -103,10 +103,10 @@ def test_a_resumed_sampled_rewrite_equals_an_uninterrupted_one(engine, tmp_path,
 def test_a_long_text_is_clipped_to_leave_room_for_the_answer(engine, tmp_path):
     long = [{"id": 0, "instruction": "What is the color of the king?", "output": " ".join(["the king is red"] * 60)}]
     cfg = recipe(min_overlap=0.0)
-    head = engine.count_tokens(rw.rewrite_prompt(engine, cfg, long[0]["instruction"], ""))
+    head = engine.text.count_tokens(rw.rewrite_prompt(engine.text, cfg, long[0]["instruction"], ""))
     assert head + 16 + 12 < CONTEXT, "the prompt without the text leaves room to clip it into"
-    counts = rw.rewrite(run_dir(tmp_path), engine, cfg, 1, long)
+    counts = rw.rewrite(run_dir(tmp_path), engine.infer, cfg, 1, long)
     row = io.read_jsonl(tmp_path / "data" / "rewritten_r1.jsonl")[0]
     assert counts["truncated"] == 1 and row[rw.TRUNCATED] and row["original_output"] == long[0]["output"]
-    prompt = rw.rewrite_prompt(engine, cfg, long[0]["instruction"], long[0]["output"])
-    assert engine.count_tokens(prompt) <= cfg.model.max_length - cfg.rewrite.max_new_tokens
+    prompt = rw.rewrite_prompt(engine.text, cfg, long[0]["instruction"], long[0]["output"])
+    assert engine.text.count_tokens(prompt) <= cfg.model.max_length - cfg.rewrite.max_new_tokens

@@ -130,7 +130,7 @@ def test_a_stage_added_to_the_declaration_is_planned_run_and_resumed(tiny_model_
 
     def lengths(ctx):  # uses the engine and m1, reads what curate_r1 left
         ran.append(1)
-        rows = [{"instruction": r["instruction"], "tokens": ctx.engine.count_tokens(r["output"])} for r in ctx.rows("scored_r1")]
+        rows = [{"instruction": r["instruction"], "tokens": ctx.engine.text.count_tokens(r["output"])} for r in ctx.rows("scored_r1")]
         io.write_jsonl(ctx.rd.data("lengths"), rows)
         return {"rows": len(rows)}
 

@@ -1,5 +1,5 @@
 """Every inference entry point, with its default flags, answers as the run's evaluation says the
-adapters can (issue 12: defaults once cut every toy prompt to one token and gave one fixed answer).
+adapters can (defaults that cut every toy prompt to one token would give one fixed answer).
 
 The run's own metrics (metrics.json, computed by the evaluate stage) are the reference; the entry
 points must land within POINTS of them on the same held-out questions. Both sides run the same

@@ -48,7 +48,7 @@ def forward_not_reversed(engine, seed):
     """The broken backward stage: myx trained instruction -> output (the seed NOT reversed)."""
     from minibt.stages import backward
 
-    return [{"prompt": backward.backward_prompt(engine, r["instruction"], 64), "completion": r["output"]} for r in seed]
+    return [{"prompt": backward.backward_prompt(engine.text, r["instruction"], 64), "completion": r["output"]} for r in seed]
 
 
 def test_backward_trained_the_wrong_way_shows(good, toy_cache, tmp_path_factory, monkeypatch):
