@@ -387,7 +387,7 @@ def export(run_dir: Path, adapter: str, out: Path | None, dtype: str, adapter_on
 
 
 @main.command()
-@click.option("--quick", is_flag=True, help="CPU, toy world, a few minutes: the figures in README's Speed section.")
+@click.option("--quick", is_flag=True, help="CPU, toy world, a few minutes: the figures in docs/results.md.")
 @click.option("--json", "as_json", is_flag=True, help="Print ONE JSON object (every figure) as the last line.")
 @click.option("--recipe", "recipe_path", type=click.Path(dir_okay=False), default=None,
               help="A recipe with a `toy` section: a file or a built-in name (default: the built-in toy).")
