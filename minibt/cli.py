@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Literal
 
 import click
 
@@ -76,7 +77,8 @@ def run(recipe_path: Path, overrides: tuple[str, ...], out: Path | None, dry_run
         click.echo("stages: " + " -> ".join(plan(recipe)))
         from minibt.inference import choose
 
-        click.echo("inference engine: %s (%s)" % choose(recipe.inference))
+        engine, why = choose(recipe.inference)
+        click.echo(f"inference engine: {engine} ({why})")
         from minibt.memory import estimate, format_estimate  # reads at most the model's config.json
 
         click.echo("\n" + format_estimate(estimate(recipe)))
@@ -142,7 +144,9 @@ def summary(rd) -> str:
 @main.command()
 @click.argument("run_dir", type=click.Path(path_type=Path))
 @click.option("--adapter", default="m1", show_default=True, help="Adapter of the run, or 'base'.")
-@click.option("--max-new-tokens", type=click.IntRange(min=1), default=None, help="Answer length in tokens [default: from the run: 1.5x its longest seed answer, at most half of model.max_length; never more than the context leaves after the prompt].")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=None,
+              help="Answer length in tokens [default: from the run: 1.5x its longest seed answer, at most half of "
+                   "model.max_length; never more than the context leaves after the prompt].")
 @click.option("--temperature", default=0.0, show_default=True,
               help="0: greedy, as the run's evaluation answers; e.g. 0.7 to sample.")
 @click.option("--top-p", default=1.0, show_default=True)
@@ -201,10 +205,11 @@ def generate(run_dir: Path, adapter: str, input_path: Path, output_path: Path, m
              temperature: float, top_p: float, batch_size: int) -> None:
     """Batch generation with one adapter: each input row gets a 'generated' field."""
     from minibt import io
+    from minibt.data.common import field_rows
     from minibt.session import open_run
 
     field = "text" if adapter == "myx" else "instruction"
-    rows = _read_rows(input_path, field)
+    rows = field_rows(input_path, field)
     _setup(1)
     session = open_run(run_dir, adapters=[adapter] if adapter != "base" else [])
     fn = session.backtranslate if adapter == "myx" else session.generate
@@ -212,23 +217,6 @@ def generate(run_dir: Path, adapter: str, input_path: Path, output_path: Path, m
              top_p=top_p, batch_size=batch_size)
     io.write_jsonl(output_path, [{**r, "generated": g} for r, g in zip(rows, out)])
     click.echo(f"wrote {len(out)} rows to {output_path}")
-
-
-def _read_rows(path: Path, field: str) -> list[dict]:
-    """Input rows for `generate`, checked before any model loads."""
-    from minibt.data.common import jsonl_rows
-    from minibt.errors import DataError
-
-    rows = []
-    for where, row, why in jsonl_rows(path):
-        if why is None and not (isinstance(row, dict) and isinstance(row.get(field), str)):
-            why = f"needs a string field {field!r}"
-        if why is not None:
-            raise DataError(f"{path}: {where}: {why}")
-        rows.append(row)
-    if not rows:
-        raise DataError(f"{path}: no rows")
-    return rows
 
 
 @main.command(name="serve")
@@ -260,7 +248,7 @@ def serve_(run_dir: Path, host: str, port: int, engine: str, api_key: str | None
 
         port = port or _free_port(host)
         argv, served = command(run, host, port, api_key)
-        click.echo(_serving_line("vllm (vLLM's OpenAI server)", why, served, host, port))
+        click.echo(_serving_line("vllm", f"{why}; vLLM's own OpenAI server", served, host, port))
         exec_server(argv)
     if importlib.util.find_spec("fastapi") is None or importlib.util.find_spec("uvicorn") is None:
         raise MinibtError("minibt serve on the HF engine needs FastAPI and uvicorn: pip install 'minibt[serve]'")
@@ -288,7 +276,7 @@ def _free_port(host: str) -> int:
 def _serving_line(engine: str, why: str, served: list[str], host: str, port: int) -> str:
     where = ("bound to 127.0.0.1: this machine only (--host 0.0.0.0 serves others)" if host in ("127.0.0.1", "localhost", "::1")
              else f"bound to {host}: reachable from other machines")
-    return f"minibt serve: engine {engine} ({why}); models {', '.join(served)}; http://{host}:{port}/v1 ({where})"
+    return f"minibt serve: engine {engine} ({why}); models {', '.join(served)}; http://{host}:{port}/v1, {where}"
 
 
 @main.command()
@@ -339,20 +327,21 @@ def repair(run_dir: Path) -> None:
 @click.option("--toy", is_flag=True, help="Recompute the toy world's ground-truth metrics.")
 @_friendly
 def eval_(run_dir: Path, compare: tuple[str, str], no_pairwise: bool, instructions: Path | None, judge: str | None,
-          judge_model: str | None, judge_quantization: str, limit: int | None, max_new_tokens: int | None, batch_size: int,
+          judge_model: str | None, judge_quantization: Literal["none", "nf4"], limit: int | None, max_new_tokens: int | None, batch_size: int,
           ifeval_adapters: tuple[str, ...], ifeval_data: Path | None, ifeval_limit: int | None, ifeval_max_tokens: int,
           toy: bool) -> None:
     """Evaluate a run: pairwise win rate (both answer orders), IFEval, toy metrics -> metrics.json, report.md."""
-    from minibt.evaluate import run_eval
+    from minibt.evaluate import EvalRequest, run_eval
     from minibt.rundir import RunDir
 
+    request = EvalRequest(run_dir, compare=None if no_pairwise else compare, instructions=instructions, judge=judge,
+                          judge_model=judge_model, judge_quantization=judge_quantization, limit=limit,
+                          max_new_tokens=max_new_tokens, batch_size=batch_size, ifeval_adapters=ifeval_adapters,
+                          ifeval_data=ifeval_data, ifeval_limit=ifeval_limit, ifeval_max_tokens=ifeval_max_tokens, toy=toy)
     _setup(1)
     with RunDir.open(run_dir).locked():  # it writes metrics.json: not while a run is writing the folder
-        updates = run_eval(run_dir, compare=None if no_pairwise else compare, instructions=instructions, judge=judge,
-                           judge_model=judge_model, judge_quantization=judge_quantization, limit=limit,
-                           max_new_tokens=max_new_tokens, batch_size=batch_size, ifeval_adapters=ifeval_adapters,
-                           ifeval_data=ifeval_data, ifeval_limit=ifeval_limit, ifeval_max_tokens=ifeval_max_tokens, toy=toy)
-    for key, r in updates.get("pairwise", {}).items():
+        updates = run_eval(request)
+    for r in updates.get("pairwise", {}).values():
         click.echo(f"pairwise {r['a']} vs {r['b']} (judge {r['judge']}, {r['n']} instructions, both orders): "
                    f"win rate {r['win_rate']:.3f}, 95% CI [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}] "
                    f"({r['wins']} wins, {r['ties']} ties, {r['losses']} losses)")

@@ -6,7 +6,7 @@ import json
 
 from click.testing import CliRunner
 
-import minibt.evaluate as ev
+import minibt.pairwise as pw
 from minibt import io
 from minibt.cli import main
 
@@ -15,13 +15,13 @@ QUESTIONS = ["What is the color of the king?", "What is the color of the river?"
 
 def _spy_orders(monkeypatch) -> list[tuple[str, str, str]]:
     seen: list[tuple[str, str, str]] = []
-    real = ev.prefer_first
+    real = pw.prefer_first
 
     def spy(judge, adapter, triples, **kwargs):
         seen.extend(triples)
         return real(judge, adapter, triples, **kwargs)
 
-    monkeypatch.setattr(ev, "prefer_first", spy)
+    monkeypatch.setattr(pw, "prefer_first", spy)
     return seen
 
 
@@ -40,11 +40,34 @@ def _both_orders(seen: list[tuple[str, str, str]], n: int) -> None:
     assert [(i, b, a) for i, a, b in first] == second  # every pair judged with A and B swapped
 
 
+def test_an_instruction_is_a_win_only_when_both_orders_prefer_the_model():
+    assert pw.outcome(0.9, 0.6) == 1.0  # a preferred in both orders
+    assert pw.outcome(0.1, 0.4) == 0.0
+    assert pw.outcome(0.9, 0.2) == pw.outcome(0.3, 0.7) == 0.5  # the orders disagree: a position bias, a tie
+
+
+def test_the_tally_counts_wins_ties_and_losses_exactly():
+    got = pw.tally([1.0, 1.0, 0.5, 0.0, 1.0])
+    assert (got["wins"], got["ties"], got["losses"], got["win_rate"]) == (3, 1, 1, 0.7)
+    assert got["ci95"] == [round(x, 4) for x in pw.wilson(3.5, 5)]
+    assert pw.tally([])["win_rate"] == 0.0
+
+
+def _rows_agree_with_the_summary(rows: list[dict], summary: dict, a: str) -> None:
+    """Each row's outcome from its two probabilities (a win: a better in both orders), and the summary's counts."""
+    for r in rows:
+        first, second = r[f"p_{a}_better_shown_first"], r[f"p_{a}_better_shown_second"]
+        want = 1.0 if first > 0.5 and second > 0.5 else 0.0 if first < 0.5 and second < 0.5 else 0.5
+        assert r["outcome"] == want, r
+    outcomes = [r["outcome"] for r in rows]
+    assert (summary["wins"], summary["ties"], summary["losses"]) == (outcomes.count(1.0), outcomes.count(0.5), outcomes.count(0.0))
+
+
 def test_wilson_interval_contains_the_rate_and_stays_in_bounds():
     for wins, n in ((0, 5), (5, 5), (2.5, 5), (7, 20), (0.5, 1)):
-        lo, hi = ev.wilson(wins, n)
+        lo, hi = pw.wilson(wins, n)
         assert 0 <= lo <= wins / n <= hi <= 1
-    lo, hi = ev.wilson(50, 100)
+    lo, hi = pw.wilson(50, 100)
     assert abs(lo - 0.4038) < 1e-3 and abs(hi - 0.5962) < 1e-3
 
 
@@ -63,6 +86,7 @@ def test_pairwise_m1_vs_m0_with_an_adapter_judge(finished_run, monkeypatch):
     _both_orders(seen, len(QUESTIONS))
     rows = io.read_jsonl(run / "eval" / "pairwise_m1_vs_m0.jsonl")
     assert [r["instruction"] for r in rows] == QUESTIONS
+    _rows_agree_with_the_summary(rows, metrics["pairwise"]["m1_vs_m0"], "m1")
     assert all(0 <= r["p_m1_better_shown_first"] <= 1 and 0 <= r["p_m1_better_shown_second"] <= 1 for r in rows)
     assert "pairwise judging (judge m0)" in (run / "report.md").read_text()
 

@@ -80,6 +80,23 @@ def jsonl_rows(path: Path) -> Iterator[tuple[str, Any | None, str | None]]:
             raise DataError(f"{path}: broken gzip file: {e}") from None
 
 
+def field_rows(path: str | Path, field: str, nonempty: bool = False) -> list[dict[str, Any]]:
+    """The rows of a JSONL file of objects with a string `field` (`nonempty`: not blank either), checked before
+    any model loads; a bad row is a DataError naming the file and line."""
+    path = Path(path)
+    need = f"a non-empty string field {field!r}" if nonempty else f"a string field {field!r}"
+    rows = []
+    for where, row, why in jsonl_rows(path):
+        if why is None and not (isinstance(row, dict) and isinstance(row.get(field), str) and (row[field].strip() or not nonempty)):
+            why = f"needs {need}"
+        if why is not None:
+            raise DataError(f"{path}: {where}: {why}")
+        rows.append(row)
+    if not rows:
+        raise DataError(f"{path}: no rows")
+    return rows
+
+
 def load_hub(dataset: str, name: str | None, split: str, streaming: bool) -> Any:
     """`datasets.load_dataset`, with any failure (unknown id, split, no network) as one DataError."""
     import datasets  # slow import: only when a hub dataset is asked for

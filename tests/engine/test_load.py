@@ -36,7 +36,7 @@ def test_base_is_4bit_and_loaded_once(engine):
 def test_a_judge_loads_through_the_same_loader_with_no_adapters(tiny_model_dir, monkeypatch):
     import bitsandbytes as bnb
 
-    from minibt.evaluate import load_judge
+    from minibt.pairwise import load_judge
 
     seen = []
     real = load.load_weights
