@@ -1,8 +1,8 @@
 """`minibt serve RUN_DIR` on the HF engine: an OpenAI-compatible endpoint over a run's Session.
 
-Each request's `model` names an adapter of the run (or `base`). Chat requests are rendered as
-`Session.stream` renders them (the seed tag as system prompt with forward.tags); completions take the
-prompt as raw text, as the protocol does. Defaults are the run's: greedy (temperature 0), and
+Each request's `model` names an adapter of the run (or `base`). A chat is rendered by
+`Session.chat_prompt`, as `minibt chat` renders it (the seed tag as system prompt with forward.tags); a
+completion's prompt is raw text, as the protocol has it. Defaults are the run's: greedy (temperature 0), and
 `Session.answer_tokens` new tokens (myx: `instruction_tokens`). One worker thread owns the engine:
 requests that arrive while it runs wait in a queue and run as one batch per adapter and settings;
 streamed requests run one at a time (`engine.stream`). On vLLM, minibt/vllm_serve.py starts vLLM's

@@ -107,6 +107,13 @@ def test_a_stop_string_ends_the_answer_streamed_or_not(client):
     assert streamed == cut.choices[0].message.content
 
 
+def test_a_requests_seed_fixes_its_sample(client):
+    def sample(seed: int) -> str:
+        return chat(client, "m1", ASKED[0], temperature=1.0, seed=seed).choices[0].message.content
+
+    assert sample(5) == sample(5) and len({sample(s) for s in range(4)}) > 1
+
+
 def test_stop_strings_are_held_back_only_while_they_may_begin():
     assert cut_at_stop(" a b STOP c ", ["STOP"]) == ("a b", True) and cut_at_stop(" a b ", ["X"]) == ("a b", False)
     assert held_back("a b ST", ["STOP"]) == 2 and held_back("a b", ["STOP"]) == 0
