@@ -230,7 +230,7 @@ def ifeval(run: RunDir, adapter: str = "m1", data: str | Path | None = None, lim
 
 def _first_argument(sample: dict[str, Any]) -> str | None:
     """The prompt text lm_eval sent to the model (its sample layout differs between versions)."""
-    args = sample.get("arguments")
+    args: Any = sample.get("arguments")  # None, or a layout not listed here, falls to the except
     try:
         if isinstance(args, dict):
             return next(iter(args.values()))["arg_0"]

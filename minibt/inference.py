@@ -73,6 +73,7 @@ class RunInference:
         if not self.separate:
             return self.hf()
         if self._vllm is None:
+            assert self._choice is not None  # chosen by self.separate above
             self.rd.manifest["inference"] = dict(zip(("engine", "why"), self._choice))
             from minibt.base_model import model_of
 

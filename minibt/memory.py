@@ -294,9 +294,9 @@ def estimate_stages(recipe: Recipe, shape: Shape, stages: list[Any]) -> list[Sta
         else:
             parts["lora"] = adapters * lora * LORA_BYTES
             if stage.uses == "score":
-                cfg = recipe.curate
-                batch = cfg.batch_size
-                if cfg.method == "likelihood":  # full logits, their fp32 copy and log-softmax
+                curate = recipe.curate
+                batch = curate.batch_size
+                if curate.method == "likelihood":  # full logits, their fp32 copy and log-softmax
                     logits = batch * length * shape.vocab * (c + LOSS_EXTRA_BYTES)
                 else:  # distribution (one forward pass, logits_to_keep=1) or generate: the last position
                     logits = batch * shape.vocab * (c + 4)
@@ -367,6 +367,7 @@ def format_estimate(est: MemoryEstimate) -> str:
     for s in est.stages:
         lines.append(f"  {s.stage:<14}{gib(s.total):>7}" + "".join(f"{gib(s.parts.get(c, 0)):>12}" for c in columns))
     peak = est.peak
+    assert peak is not None  # a model's recipe always has stages that load it (training m0 at least)
     lines.append(f"  max: {gib(peak.total)} GiB (estimated), in {peak.stage}")
     if "vllm" in columns:
         lines.append("  vllm: the vLLM engine of the inference stages, beside the training base (stopped before each training"

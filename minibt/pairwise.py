@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -32,7 +32,7 @@ def wilson(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
     return max(0.0, min(p, center - half)), min(1.0, max(p, center + half))
 
 
-def load_judge(name: str, quantization: str = "none", trust_remote_code: bool = False,
+def load_judge(name: str, quantization: Literal["none", "nf4"] = "none", trust_remote_code: bool = False,
                revision: str | None = None) -> HFInference:
     """Any local causal LM (or hub id in the cache) as a judge: loaded as the engine loads a base, no
     adapters ("base" only), the engine's scoring code; its context is the model's, at most 4096 tokens."""

@@ -57,7 +57,7 @@ def stages(recipe: Recipe) -> list[Stage]:
             Stage(f"curate_r{k}", self_curate(k), outputs=(f"scored_r{k}", f"curated_r{k}"), needs=(f"m{k - 1}",), uses="score",
                   spreads=True),
             *rewrite_stages(recipe, k),  # optional: response rewriting (rewrite.enabled)
-            Stage(f"m{k}", train_forward_on(f"m{k}", lambda ctx, k=k: ctx.rows(trained_on(recipe, k))), adapter=f"m{k}"),
+            Stage(f"m{k}", train_forward_on(f"m{k}", _trained_rows(recipe, k)), adapter=f"m{k}"),
         ]
     return method + (world.stages(recipe) if world else [])
 
@@ -86,12 +86,16 @@ def run(recipe: Recipe, out: str | Path, fresh: bool = False) -> RunDir:
     return rd
 
 
+def _no_engine() -> Engine:
+    raise AssertionError("the prepare stage loads no model")
+
+
 def prepare_only(recipe: Recipe, out: str | Path, fresh: bool = False) -> tuple[RunDir, bool]:
     """`minibt prepare`: the run directory and its prepare stage, as `run` starts them, and whether the
     stage ran now (False: done before). No model loads; a later `run` on the folder goes on from here."""
     rd = RunDir.create(out, recipe, fresh=fresh)
     try:
-        return rd, run_stage(Context(rd, recipe, lambda: None), stages(recipe)[0])
+        return rd, run_stage(Context(rd, recipe, _no_engine), stages(recipe)[0])
     finally:
         rd.unlock()
 
@@ -133,6 +137,11 @@ def rewrite_stages(recipe: Recipe, k: int) -> list[Stage]:
 def trained_on(recipe: Recipe, k: int) -> str:
     """What m_k trains on besides the seed: round k's curated pairs, rewritten when rewriting is on."""
     return f"rewritten_r{k}" if recipe.rewrite.enabled else f"curated_r{k}"
+
+
+def _trained_rows(recipe: Recipe, k: int) -> Callable[[Context], list[dict[str, Any]]]:
+    """m_k's stage reads trained_on(recipe, k) when it runs."""
+    return lambda ctx: ctx.rows(trained_on(recipe, k))
 
 
 def train_forward_on(name: str, pairs: Callable[[Context], list[dict[str, Any]]] = lambda ctx: []) -> Callable[[Context], dict[str, Any]]:

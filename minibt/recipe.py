@@ -58,7 +58,9 @@ class Recipe:
     def to_dict(self) -> dict[str, Any]:
         out = {f.name: dataclasses.asdict(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "world"}
         if self.world is not None:
-            out[worlds.world_of(self).section] = dataclasses.asdict(self.world)
+            world = worlds.world_of(self)
+            assert world is not None  # the world whose section self.world is
+            out[world.section] = dataclasses.asdict(self.world)
         return out
 
 
@@ -190,7 +192,7 @@ def _coerce(tp: Any, v: Any, key: str) -> Any:
         inner = [a for a in args if a is not type(None)]
         return _coerce(inner[0], v, key)
     if dataclasses.is_dataclass(tp):
-        return _build(tp, v if v is not None else {}, key)
+        return _build(typing.cast(type, tp), v if v is not None else {}, key)  # a field's type: a dataclass, not an instance
     if origin is Literal:
         if v not in args:
             raise RecipeError(f"{key}: {v!r} is not one of {', '.join(map(str, args))}")

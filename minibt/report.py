@@ -133,8 +133,8 @@ def _savefig(fig: Any, path: Path) -> None:
 def _plot_scores(rows: list[dict[str, Any]], threshold: Any, k: int, path: Path, world: World | None) -> None:
     import matplotlib.pyplot as plt
 
-    scores = [(_score(r), world.pair_truth(r) if world else None) for r in rows]
-    scores = [(s, c) for s, c in scores if s is not None]
+    scored = [(_score(r), world.pair_truth(r) if world else None) for r in rows]
+    scores = [(s, c) for s, c in scored if s is not None]
     fig, ax = plt.subplots(figsize=(6, 3.2))
     if scores:
         values = [s for s, _ in scores]
@@ -275,12 +275,12 @@ def build_report(run_dir: str | Path) -> Path:
                 continue
             truth = world is not None and any(world.pair_truth(r) is not None for r in sample)
             out += [f"A sample of {title} pairs ({len(rows)} in all):", "",
-                    "| score | instruction | output |" + (f" correct ({world.section}) |" if truth else ""),
+                    "| score | instruction | output |" + (f" correct ({world.section}) |" if truth and world is not None else ""),
                     "|---:|---|---|" + ("---|" if truth else "")]
             for r in sorted(sample, key=lambda r: -(_score(r) or -1e9)):
                 s = _score(r)
                 cell = f"| {s if s is not None else 'unparsed'} | {_md(r.get('instruction', ''))} | {_md(r.get('output', ''))} |"
-                out.append(cell + (f" {world.pair_truth(r)} |" if truth else ""))
+                out.append(cell + (f" {world.pair_truth(r)} |" if truth and world is not None else ""))
             out.append("")
 
     # lengths

@@ -32,7 +32,8 @@ def drop_mixed_precision_wrapper(model: Any) -> None:
     if "_original_forward" in model.__dict__:
         extract_model_from_parallel(model, keep_fp32_wrapper=False)  # accelerate/utils/other.py:351-361
         forward = model.__dict__.get("forward")
-        if getattr(forward, "__self__", None) is model and getattr(forward, "__func__", None) is type(model).forward:
+        bound_to: Any = getattr(forward, "__self__", None)  # Any: `is model` below would otherwise narrow model to None
+        if bound_to is model and getattr(forward, "__func__", None) is type(model).forward:
             del model.forward  # the class's own method again, not an instance copy of it
     model.__dict__.pop("_is_accelerate_prepared", None)
 

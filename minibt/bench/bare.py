@@ -78,6 +78,7 @@ class BareSide:
 
     def close(self) -> None:
         if self._worker is not None:
+            assert self._worker.stdin is not None  # started with stdin=PIPE
             self._worker.stdin.close()  # the worker ends at the end of its input
             self._worker.wait(timeout=60)
             self._worker = None

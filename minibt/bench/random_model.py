@@ -31,7 +31,8 @@ def build_random_model(name: str, tokenizer_dir: str, out_dir: Path) -> str:
                          pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(0)
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
-        model = LlamaForCausalLM(config).to(torch.bfloat16)
+        # transformers types PreTrainedModel.to through a wrapper that reads the dtype as the model
+        model = LlamaForCausalLM(config).to(torch.bfloat16)  # type: ignore[arg-type]
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
     del model

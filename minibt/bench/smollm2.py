@@ -13,6 +13,7 @@ import subprocess
 import sys
 import zipfile
 from pathlib import Path
+from typing import Any, cast
 
 from minibt.gguf import converted_folder
 from minibt.io import cache_dir
@@ -47,10 +48,13 @@ def check(folder: Path) -> str:
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-    inputs = tokenizer.apply_chat_template([{"role": "user", "content": QUESTION}], add_generation_prompt=True,
+    # Any: with return_dict=True this is a BatchEncoding, which the stubs' union of return types does not single out
+    inputs: Any = tokenizer.apply_chat_template([{"role": "user", "content": QUESTION}], add_generation_prompt=True,
                                            return_tensors="pt", return_dict=True)
-    out = model.generate(**inputs, max_new_tokens=24, do_sample=False, eos_token_id=tokenizer.eos_token_id)
-    answer = tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    # transformers' generate is typed on a mixin's self type that AutoModelForCausalLM's result does not match
+    out = model.generate(**inputs, max_new_tokens=24, do_sample=False, eos_token_id=tokenizer.eos_token_id)  # type: ignore[misc]
+    # str: decode of one sequence's ids (a list only for a batch)
+    answer = cast(str, tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)).strip()
     if answer != ANSWER:
         raise SystemExit(f"{folder}: greedy answer {answer!r}, expected {ANSWER!r}")
     return answer

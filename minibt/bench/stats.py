@@ -19,13 +19,13 @@ import torch
 
 def rankdata(x: Sequence[float]) -> np.ndarray:
     """Ranks 1..n, ties sharing their average rank (as scipy.stats.rankdata's default)."""
-    x = np.asarray(x, dtype=float)
-    order = np.argsort(x, kind="mergesort")
-    ranks = np.empty(len(x))
+    arr = np.asarray(x, dtype=float)
+    order = np.argsort(arr, kind="mergesort")
+    ranks = np.empty(len(arr))
     i = 0
-    while i < len(x):
+    while i < len(arr):
         j = i
-        while j + 1 < len(x) and x[order[j + 1]] == x[order[i]]:
+        while j + 1 < len(arr) and arr[order[j + 1]] == arr[order[i]]:
             j += 1
         ranks[order[i : j + 1]] = (i + j) / 2 + 1
         i = j + 1

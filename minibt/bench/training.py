@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,9 @@ def compare_training(engine: Any, model_dir: str, rows: Sequence[dict[str, str]]
 
     The first minibt run trains adapter `keep`, which stays on the engine (the bench uses it next).
     """
-    minibt_runs, bare_runs, losses = [], [], {"minibt": [], "bare": []}
+    minibt_runs: list[float] = []
+    bare_runs: list[float] = []
+    losses: dict[str, list[float]] = {"minibt": [], "bare": []}
     # warm-up, not measured: the first trainer in a process pays one-off costs (imports, allocator)
     warm = dataclasses.replace(cfg, max_steps=3)
     engine.train(f"{keep}_warmup", rows, warm, work / "warm")
@@ -32,7 +35,7 @@ def compare_training(engine: Any, model_dir: str, rows: Sequence[dict[str, str]]
         for side in order:
             if side == "minibt":
                 name = keep if not minibt_runs else f"{keep}_rep{k}"
-                res, s = timed(lambda name=name, k=k: engine.train(name, rows, cfg, work / f"minibt{k}"))
+                res, s = timed(functools.partial(engine.train, name, rows, cfg, work / f"minibt{k}"))
                 if name != keep:
                     engine.delete_adapter(name)
                 minibt_runs.append(s)

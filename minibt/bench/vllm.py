@@ -10,6 +10,7 @@ where is in the result. No goal here: on the tiny toy model per-step overhead de
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
 from collections.abc import Sequence
 from pathlib import Path
@@ -61,8 +62,8 @@ def compare_vllm(engine: Engine, recipe: Any, model_dir: str, myx: str, curator:
             cfg = (dataclasses.replace(recipe.curate, method="rubric", mode="distribution", score="expected")
                    if method == "distribution" else dataclasses.replace(recipe.curate, method="likelihood"))
             r = dataclasses.replace(recipe, curate=cfg)
-            hf_rows, v_rows, hf_s, v_s = interleaved_pairs(lambda r=r: score_pairs(engine.infer, r, curator, pairs),
-                                                           lambda r=r: score_pairs(vllm, r, curator, pairs), pairs_timed, 1)
+            hf_rows, v_rows, hf_s, v_s = interleaved_pairs(functools.partial(score_pairs, engine.infer, r, curator, pairs),
+                                                           functools.partial(score_pairs, vllm, r, curator, pairs), pairs_timed, 1)
             diff = [abs(a["score"] - b["score"]) for a, b in zip(hf_rows, v_rows)]
             out["curation"][method] = {
                 "pairs": len(pairs), "seconds": {"hf": round(float(np.median(hf_s)), 3), "vllm": round(float(np.median(v_s)), 3)},

@@ -85,12 +85,13 @@ def field_rows(path: str | Path, field: str, nonempty: bool = False) -> list[dic
     any model loads; a bad row is a DataError naming the file and line."""
     path = Path(path)
     need = f"a non-empty string field {field!r}" if nonempty else f"a string field {field!r}"
-    rows = []
+    rows: list[dict[str, Any]] = []
     for where, row, why in jsonl_rows(path):
         if why is None and not (isinstance(row, dict) and isinstance(row.get(field), str) and (row[field].strip() or not nonempty)):
             why = f"needs {need}"
         if why is not None:
             raise DataError(f"{path}: {where}: {why}")
+        assert isinstance(row, dict)  # checked above: a row without a problem is a dict
         rows.append(row)
     if not rows:
         raise DataError(f"{path}: no rows")

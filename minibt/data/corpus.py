@@ -153,6 +153,7 @@ def _documents(section: CorpusSection, counts: dict[str, int], bad: BadRows) -> 
             bad.add(where, problem)
             counts["bad_rows"] += 1
             continue
+        assert isinstance(row, dict)  # text is a string only when read from a dict row
         yield text.strip(), {k: v for k, v in row.items() if k not in (col, "id", "text")}
 
 
@@ -173,6 +174,7 @@ def _rows(section: CorpusSection) -> Iterator[tuple[str, Any | None, str | None]
 
 
 def _hub_rows(section: CorpusSection) -> Iterator[tuple[str, Any | None, str | None]]:
+    assert section.dataset is not None  # _rows comes here only for a hub dataset
     ds = load_hub(section.dataset, section.name, section.split, streaming=True)
     columns = ds.column_names  # None when the hub does not declare features
     if columns is not None and section.text_column not in columns:

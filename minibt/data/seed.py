@@ -61,7 +61,7 @@ def _read(section: SeedSection) -> tuple[str, set[str], list[Record]]:
     """(source name for messages, the column names seen, every record). Seeds are small: all in memory."""
     if section.dataset:
         ds = load_hub(section.dataset, None, section.split, streaming=False)
-        records = [(f"row {i}", r, None) for i, r in enumerate(ds)]
+        records: list[Record] = [(f"row {i}", r, None) for i, r in enumerate(ds)]
         return f"{section.dataset}[{section.split}]", set(ds.column_names), records
     path = Path(section.path or "")
     suffix = path.suffix.lower()
@@ -233,7 +233,8 @@ def _tree_rows(where: str, tree: dict) -> list[Record]:
 def _oasst_pairs(records: Iterable[Record], bad: BadRows, counts: dict[str, int]) -> list[dict[str, str]]:
     """The paper's seed: per English tree, the prompter root and its rank-0 assistant reply."""
     counts.update(skipped_deleted=0, trees=0, filtered_lang=0, no_rank0_reply=0)
-    roots, best_reply = [], {}
+    roots: list[dict[str, Any]] = []
+    best_reply: dict[Any, dict[str, Any]] = {}  # parent id -> its rank-0 assistant reply
     for where, row, why in records:
         try:
             row = _object(row, why)

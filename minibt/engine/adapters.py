@@ -72,7 +72,8 @@ def load_weights(model: Any, name: str, path: Path) -> None:
     want = get_peft_model_state_dict(model, adapter_name=name)
     if set(weights) != set(want) or any(weights[k].shape != want[k].shape for k in want):
         raise MinibtError(f"{path}: does not hold adapter {name}'s weights; delete {path.parent} to train {name} from the start")
-    result = set_peft_model_state_dict(model, weights, adapter_name=name)
+    # Any: peft annotates the return as `namedtuple` (the factory); it is torch's load_state_dict result
+    result: Any = set_peft_model_state_dict(model, weights, adapter_name=name)
     if getattr(result, "unexpected_keys", None):
         raise MinibtError(f"{path}: weights {result.unexpected_keys[0]} ... do not fit adapter {name}")
 

@@ -29,7 +29,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -134,7 +134,7 @@ def first_change(old: dict[str, Any], new: dict[str, Any]) -> str | None:
 
 def list_checkpoints(work: Path) -> list[tuple[int, Path, dict[str, Any]]]:
     """The complete checkpoints in `work`, newest first: (step, folder, its minibt_checkpoint.json)."""
-    found = []
+    found: list[tuple[int, Path, dict[str, Any]]] = []
     if not work.is_dir():
         return found
     for path in work.iterdir():
@@ -263,7 +263,13 @@ def _restorer(trainer: Any) -> Any:
     return RestoreLossAccounting()
 
 
-class _ResumableMixin:
+if TYPE_CHECKING:  # what the mixin is mixed into (resumable_trainer): a transformers Trainer (trl's SFTTrainer)
+    from transformers import Trainer as _TrainerBase
+else:
+    _TrainerBase = object
+
+
+class _ResumableMixin(_TrainerBase):
     """Checkpoint-and-resume for a trl SFTTrainer that trains one adapter of a multi-adapter PeftModel."""
 
     minibt_checkpoints: Checkpoints | None = None

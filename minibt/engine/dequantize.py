@@ -14,7 +14,7 @@ import hashlib
 import logging
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -60,7 +60,8 @@ def _source(cfg: ModelSection) -> Path:
         return local
     from transformers.utils import cached_file
 
-    return Path(cached_file(cfg.name, "config.json", revision=cfg.revision)).parent
+    # str: cached_file returns None only when told not to raise on a missing file
+    return Path(cast(str, cached_file(cfg.name, "config.json", revision=cfg.revision))).parent
 
 
 def _weights_identity(cfg: ModelSection) -> str:

@@ -214,7 +214,9 @@ class VllmEngine:
                 return []
             llm.reset_prefix_cache()
             llm.collective_rpc("minibt_seed", args=(batch_seed(seed, rank),))
-            return llm.generate([TokensPrompt(prompt_token_ids=i) for i in ids[lo:hi]], params[lo:hi],
+            # vLLM's TypedDict takes NotRequired from typing (3.11+), unseen at mypy's python_version 3.10: every key reads as required
+            token_prompts = [TokensPrompt(prompt_token_ids=i) for i in ids[lo:hi]]  # type: ignore[typeddict-item]
+            return llm.generate(token_prompts, params[lo:hi],
                                 lora_request=loras[lo:hi], use_tqdm=False)
 
         if len(self.llms) == 1:

@@ -140,6 +140,7 @@ def run_stage(ctx: Context, stage: Stage) -> bool:
 def _train(ctx: Context, stage: Stage) -> dict[str, Any]:
     """Train the stage's adapter (resuming from work/<adapter>/, see Engine.train), save it and its loss curve."""
     rd, name = ctx.rd, stage.adapter
+    assert name is not None  # run_stage trains only a stage that has an adapter
     with io.disk_errors(rd.work(name)):  # training checkpoints
         result = stage.run(ctx)
     with io.disk_errors(rd.adapter(name)):

@@ -6,7 +6,7 @@ curation raises data quality); metrics.json carries them too, and the run report
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeGuard
 
 from tqdm.auto import tqdm
 
@@ -122,7 +122,7 @@ def claims(m: dict[str, Any]) -> list[tuple[str, bool, str]]:
     out: list[tuple[str, bool, str]] = []
     acc = m.get("forward_accuracy") or {}
 
-    def num(x: Any) -> bool:
+    def num(x: Any) -> TypeGuard[float]:
         return isinstance(x, (int, float)) and not isinstance(x, bool)
 
     m0, m1, unc = acc.get("m0"), acc.get("m1"), acc.get("m1_uncurated")

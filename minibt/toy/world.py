@@ -277,7 +277,7 @@ def _mentions(text: str, word: str) -> bool:
 
 def _names(r: random.Random, n: int, taken: set[str], syllables: tuple[int, ...] = (2, 2, 3)) -> list[str]:
     """n new made-up names, none in `taken` (which they join) nor a word of the world's texts."""
-    out = []
+    out: list[str] = []
     while len(out) < n:
         parts = [r.choice(_ONSETS) + r.choice(_VOWELS) for _ in range(r.choice(syllables))]
         name = ("".join(parts) + r.choice(_CODAS)).capitalize()
