@@ -26,6 +26,7 @@ import socket
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import yaml
@@ -33,7 +34,9 @@ import yaml
 from minibt import io
 from minibt.errors import MinibtError
 from minibt.recipe import Recipe
+from minibt.sections import VLLM_KEYS
 
+fcntl: ModuleType | None
 try:
     import fcntl
 except ImportError:  # Windows: no flock, runs are not locked there
@@ -52,9 +55,7 @@ _RESULT_KEYS_IGNORED = {("run", "threads"), ("augment", "batch_size"), ("curate"
                         ("inference", "workers"), ("inference", "ray_address"),  # where shards run (workers.py)
                         # which engine runs inference, and its settings: machine-dependent (engine auto picks by
                         # the GPU); each inference stage's counts name its engine
-                        *(("inference", k) for k in ("engine", "gpu_memory_utilization", "kv_cache_gib", "max_num_seqs",
-                                                     "max_loras", "enable_prefix_caching", "enforce_eager",
-                                                     "data_parallel_size"))}
+                        *(("inference", k) for k in ("engine", *VLLM_KEYS))}
 
 
 def _now() -> str:

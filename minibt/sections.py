@@ -265,6 +265,11 @@ class ForwardSection(TrainSection):
             unused(key, self, ("seed_tag", "augmented_tag"), f"{key}.tags is false, so no tag is written; remove the key")
 
 
+# the inference section's keys only the vLLM engine reads
+VLLM_KEYS = ("gpu_memory_utilization", "kv_cache_gib", "max_num_seqs", "max_loras", "enable_prefix_caching", "enforce_eager",
+             "data_parallel_size")
+
+
 @dataclass
 class InferenceSection:
     # How and where the inference stages (augment, curate, rewrite, evaluation; minibt generate, chat
@@ -298,10 +303,8 @@ class InferenceSection:
             raise RecipeError(f"{key}.ray_address: empty (give auto, HOST:PORT or ray://HOST:PORT, or remove the key)")
 
     def _check_vllm(self, key: str) -> None:
-        vllm_keys = ("gpu_memory_utilization", "kv_cache_gib", "max_num_seqs", "max_loras", "enable_prefix_caching",
-                     "enforce_eager", "data_parallel_size")
         if self.engine == "hf":
-            unused(key, self, vllm_keys, f"read only by the vLLM engine ({key}.engine is hf); remove the key")
+            unused(key, self, VLLM_KEYS, f"read only by the vLLM engine ({key}.engine is hf); remove the key")
         in_range(f"{key}.gpu_memory_utilization", self.gpu_memory_utilization, 0.0, 1.0, low_open=True)
         for name in ("max_num_seqs", "max_loras", "data_parallel_size", "kv_cache_gib"):
             if getattr(self, name) is not None:
