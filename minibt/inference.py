@@ -74,11 +74,11 @@ class RunInference:
             return self.hf()
         if self._vllm is None:
             assert self._choice is not None  # chosen by self.separate above
-            self.rd.manifest["inference"] = dict(zip(("engine", "why"), self._choice))
+            self.rd.note(inference=dict(zip(("engine", "why"), self._choice)))
             from minibt.base_model import model_of
 
             self._vllm = start_vllm(self.recipe, model_of(self.recipe, self.rd.manifest.get("base_model")))
-            self._record({"engine": "vllm", "started": _now(), **self._vllm.started})
+            self.rd.note_engine_started({"engine": "vllm", "started": _now(), **self._vllm.started})
         return self._vllm
 
     def before_training(self, adapter: str) -> None:
@@ -97,12 +97,7 @@ class RunInference:
             return
         seconds = self._vllm.close()
         self._vllm = None
-        self.rd.manifest["inference_engines"][-1].update(stopped=_now(), stop_seconds=seconds)
-        self.rd.save()
-
-    def _record(self, entry: dict[str, Any]) -> None:
-        self.rd.manifest.setdefault("inference_engines", []).append(entry)
-        self.rd.save()
+        self.rd.note_engine_stopped(stopped=_now(), stop_seconds=seconds)
 
 
 def _now() -> str:

@@ -155,6 +155,5 @@ def train_forward_on(name: str, pairs: Callable[[Context], list[dict[str, Any]]]
 def load_engine(rd: RunDir, recipe: Recipe) -> Engine:
     """Load the one base model of this run and record it in the manifest."""
     engine = open_engine(recipe, rd.manifest.get("base_model"))
-    rd.manifest.update(base_model=engine.model_cfg.name, backend=engine.backend, base_loads=engine.base_loads)
-    rd.save()
+    rd.note(base_model=engine.model_cfg.name, backend=engine.backend, base_loads=engine.base_loads)
     return engine

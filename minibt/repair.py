@@ -44,7 +44,7 @@ def repair(path: str | Path) -> list[str]:
                        "repaired": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
         base = _base_model(rd)
         if base:
-            rd.manifest["base_model"] = base
+            rd.manifest["base_model"] = base  # saved with the stages below
         for stage in stages(recipe):
             expected = stage.files(rd)
             files = [p for p in expected if p.is_file()]

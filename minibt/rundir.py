@@ -27,7 +27,7 @@ import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, TypedDict, cast
 
 import yaml
 
@@ -62,11 +62,39 @@ def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
+class StageEntry(TypedDict, total=False):
+    """A stage in manifest.json, as `RunDir.stage` writes it."""
+
+    status: str  # pending, running, done, failed
+    started: str
+    finished: str
+    seconds: float
+    counts: dict[str, Any]  # the stage's own counts (see each stage)
+    outputs: list[str]  # its data files and adapter weights, relative to the run folder
+    error: str
+
+
+class Manifest(TypedDict, total=False):
+    """manifest.json: what the run did. RunDir writes it: `stage` (each stage's entry), `record` (a file's
+    rows and sha256), `note` (the run's facts: the base it loaded, its inference engines)."""
+
+    recipe: str
+    created: str
+    repaired: str  # when `minibt repair` rebuilt it
+    stages: dict[str, StageEntry]
+    files: dict[str, dict[str, Any]]  # relative path -> rows, bytes, sha256
+    base_model: str
+    backend: str
+    base_loads: int
+    inference: dict[str, str]  # the inference engine and why it was picked
+    inference_engines: list[dict[str, Any]]  # each start and stop of a separate engine: seconds, memory
+
+
 class RunDir:
     def __init__(self, path: str | Path, read_manifest: bool = True):
         self.path = Path(path)
         self.manifest_path = self.path / "manifest.json"
-        self.manifest: dict[str, Any] = _read_manifest(self.manifest_path) if read_manifest else {}
+        self.manifest: Manifest = _read_manifest(self.manifest_path) if read_manifest else {}
         self._lock_fd: int | None = None
         self._digests: dict[tuple, dict[str, Any]] = {}  # (path, mtime, size) -> digest: each file hashed once
         self._told: set[str] = set()  # problems already logged
@@ -243,9 +271,22 @@ class RunDir:
                 return False
         return True
 
-    def set(self, key: str, value: Any) -> None:
-        self.manifest[key] = value
+    def note(self, **facts: Any) -> None:
+        """Write the run's facts (`Manifest`'s keys) into the manifest, and save it."""
+        unknown = set(facts) - set(Manifest.__annotations__)
+        if unknown:
+            raise KeyError(f"not a manifest key: {', '.join(sorted(unknown))}")
+        cast(dict[str, Any], self.manifest).update(facts)
         self.save()
+
+    def note_engine_started(self, entry: dict[str, Any]) -> None:
+        """A separate inference engine started (minibt/inference.py): its seconds and memory."""
+        self.note(inference_engines=[*self.manifest.get("inference_engines", []), entry])
+
+    def note_engine_stopped(self, **facts: Any) -> None:
+        """The last started inference engine stopped."""
+        engines = self.manifest.get("inference_engines", [])
+        self.note(inference_engines=[*engines[:-1], {**engines[-1], **facts}])
 
     @contextlib.contextmanager
     def stage(self, name: str, outputs: Iterable[Path] = ()) -> Iterator[dict[str, Any]]:
@@ -253,26 +294,26 @@ class RunDir:
         `outputs` that exist) or failed. Yields its counts dict."""
         entry = self.manifest["stages"].setdefault(name, {})
         counts: dict[str, Any] = entry.get("counts", {})
-        entry.update(status="running", started=_now(), counts=counts)
+        entry.update({"status": "running", "started": _now(), "counts": counts})
         entry.pop("error", None)
         t0 = time.time()
         try:
             self.save()  # inside: a Ctrl-C while it fsyncs (the new manifest already in place) still says failed
             yield counts
         except BaseException as e:
-            entry.update(status="failed", error=f"{type(e).__name__}: {e}"[:500], seconds=round(time.time() - t0, 1))
+            entry.update({"status": "failed", "error": f"{type(e).__name__}: {e}"[:500], "seconds": round(time.time() - t0, 1)})
             with contextlib.suppress(MinibtError):  # a full disk: the error to show is `e`; "running" resumes too
                 self.save()
             raise
         written = [p for p in outputs if Path(p).is_file()]
         for p in written:
             self.record(p, save=False)
-        entry.update(status="done", finished=_now(), seconds=round(time.time() - t0, 1), counts=counts,
-                     outputs=[self.rel(p) for p in written])
+        entry.update({"status": "done", "finished": _now(), "seconds": round(time.time() - t0, 1), "counts": counts,
+                      "outputs": [self.rel(p) for p in written]})
         self.save()
 
 
-def _read_manifest(path: Path) -> dict[str, Any]:
+def _read_manifest(path: Path) -> Manifest:
     if not path.exists():
         return {}
     try:
@@ -281,7 +322,7 @@ def _read_manifest(path: Path) -> dict[str, Any]:
         why = f"not valid JSON ({e})"
     else:
         if isinstance(manifest, dict) and isinstance(manifest.get("stages", {}), dict):
-            return manifest
+            return cast(Manifest, manifest)
         why = "not a minibt manifest"
     raise MinibtError(f"{path} is {why}: rebuild it from the run's data files and adapters with: minibt repair {path.parent}")
 

@@ -5,12 +5,14 @@ training on a GPU (a stand-in engine: no vLLM needed)."""
 from __future__ import annotations
 
 import importlib.util
+import json
 
 import pytest
 
 from minibt import inference
 from minibt.errors import RecipeError
 from minibt.recipe import InferenceSection, from_dict
+from minibt.rundir import RunDir
 
 
 def section(**keys) -> InferenceSection:
@@ -87,16 +89,8 @@ class FakeVllm:
         return 0.5
 
 
-class FakeRun:
-    def __init__(self):
-        self.manifest, self.saves = {}, 0
-
-    def save(self) -> None:
-        self.saves += 1
-
-
 @pytest.mark.parametrize("gpu", [False, True])
-def test_a_runs_vllm_engine_starts_once_is_recorded_and_stops_before_training_on_a_gpu(monkeypatch, gpu):
+def test_a_runs_vllm_engine_starts_once_is_recorded_and_stops_before_training_on_a_gpu(monkeypatch, gpu, tmp_path):
     import minibt.engine.load as load
 
     started = []
@@ -106,7 +100,7 @@ def test_a_runs_vllm_engine_starts_once_is_recorded_and_stops_before_training_on
     import minibt.base_model as base_model
 
     monkeypatch.setattr(base_model, "model_of", lambda recipe, recorded: "the base")
-    rd, hf = FakeRun(), object()
+    rd, hf = RunDir(tmp_path, read_manifest=False), object()
     run = inference.RunInference(rd, from_dict({"toy": {}}), lambda: hf)
     assert run.separate and run.engine() is run.engine() is started[0] and len(started) == 1
     assert rd.manifest["inference"] == {"engine": "vllm", "why": "inference.engine is vllm"}
@@ -118,15 +112,18 @@ def test_a_runs_vllm_engine_starts_once_is_recorded_and_stops_before_training_on
     assert len(started) == (2 if gpu else 1) and len(rd.manifest["inference_engines"]) == len(started)
     run.close()
     assert started[-1].closed and all("stopped" in e for e in rd.manifest["inference_engines"])
+    assert json.loads((tmp_path / "manifest.json").read_text()) == rd.manifest  # each note saved
 
 
-def test_the_hf_engine_is_the_runs_own(monkeypatch):
+def test_the_hf_engine_is_the_runs_own(monkeypatch, tmp_path):
     monkeypatch.setattr(inference, "choose", lambda cfg: ("hf", "inference.engine is hf"))
     hf = object()
-    run = inference.RunInference(FakeRun(), from_dict({"toy": {}}), lambda: hf)
+    rd = RunDir(tmp_path, read_manifest=False)
+    run = inference.RunInference(rd, from_dict({"toy": {}}), lambda: hf)
     assert not run.separate and run.engine() is hf
     run.before_training("m0")
     run.close()
+    assert rd.manifest == {}  # nothing started, nothing noted
 
 
 def test_the_memory_estimate_counts_the_vllm_engine_beside_the_training_base(monkeypatch):
