@@ -8,6 +8,7 @@ adapter at all times, so the backends' first one (the placeholder) lives until a
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
@@ -78,6 +79,15 @@ def load_weights(model: Any, name: str, path: Path) -> None:
         raise MinibtError(f"{path}: weights {result.unexpected_keys[0]} ... do not fit adapter {name}")
 
 
+def _sort_target_modules(config: Path) -> None:
+    """peft keeps target_modules as a set and writes it in the set's order, which string hashing changes from
+    process to process: sorted, the same adapter is the same file in every run (written as peft writes it)."""
+    data = json.loads(config.read_text(encoding="utf-8"))
+    if isinstance(data.get("target_modules"), list):
+        data["target_modules"] = sorted(data["target_modules"])
+        config.write_text(json.dumps(data, indent=2, sort_keys=True), encoding="utf-8")
+
+
 class Adapters:
     """The role adapters of one PeftModel, and which one is active (`use`)."""
 
@@ -123,6 +133,7 @@ class Adapters:
         try:
             self.model.save_pretrained(str(tmp), selected_adapters=[name], safe_serialization=True)
             saved = tmp / name  # peft writes non-default adapters into a subfolder
+            _sort_target_modules(saved / "adapter_config.json")
             self.tokenizer.save_pretrained(str(saved))
             if path.exists():
                 shutil.rmtree(path)

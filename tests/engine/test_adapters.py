@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -52,6 +54,8 @@ def test_adapters_reload_from_disk_with_the_same_scores(engine, tmp_path):
     engine.save_adapter("m0", tmp_path / "m0")
     assert (tmp_path / "m0" / "adapter_model.safetensors").exists()
     assert (tmp_path / "m0" / "chat_template.jinja").exists() or "chat_template" in (tmp_path / "m0" / "tokenizer_config.json").read_text()
+    config = json.loads((tmp_path / "m0" / "adapter_config.json").read_text())
+    assert config["target_modules"] == sorted(engine.lora.target_modules)  # not the set's per-process order
     engine.load_adapter("m0_again", tmp_path / "m0")
     after, _ = engine.infer.next_token_probs("m0_again", prompts, "Score:", list("12345"))
     assert after == pytest.approx(before, abs=1e-6)
