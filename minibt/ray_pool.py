@@ -21,26 +21,25 @@ import contextlib
 import dataclasses
 import logging
 import os
-import signal
 import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from minibt.errors import MinibtError
 from minibt.workers import Task, Work, Workers, run_task
+
+if TYPE_CHECKING:
+    from minibt.engine.interface import Inference
 
 log = logging.getLogger("minibt")
 
 MAX_ATTEMPTS = 3  # a shard that kills its worker this many times stops the run (it would kill every worker)
 POLL_SECONDS = 0.5  # how often the progress bar reads the workers' progress
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")  # what PEFT reads back
-# A test hook: "KIND:SHARD[,KIND:SHARD...]" makes the worker running such a shard's first attempt SIGKILL
-# itself after its first progress update, so the fault tests kill a worker mid-shard at a known place.
-KILL_ENV = "MINIBT_TEST_KILL_WORKER"
-_QUIET = {"include_dashboard": False, "log_to_driver": False, "logging_level": logging.WARNING}
+_QUIET: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "logging_level": logging.WARNING}
 
 
 class RayWorkers(Workers):
@@ -98,7 +97,8 @@ class RayWorkers(Workers):
                 # (Ray's default lowers theirs by 15: on a busy machine they then wait behind everything)
                 ray.init(address="local", num_cpus=self.count - self.here, _system_config={"worker_niceness": 0}, **_QUIET)
                 self.ray_started_here = True
-            self.progress = ray.remote(num_cpus=0)(_Progress).remote()
+            # Any: ray's stubs type an actor's methods as plain functions, without .remote
+            self.progress: Any = ray.remote(num_cpus=0)(_Progress).remote()
             self._start_actors()
         except BaseException as e:  # raised where the workers are first needed (compute), or logged by close()
             self.failed = e
@@ -116,7 +116,8 @@ class RayWorkers(Workers):
         # base, first generation) is CPU work, and the driver trains on the core left. Elsewhere all at once.
         n = self.count - self.here
         at_once = n if (self.gpus or not self.local) else max(1, (os.cpu_count() or 2) - 1)
-        self.actors, warms = [], []
+        self.actors = []
+        warms: list[Any] = []  # each actor's warm-up (a Ray ObjectRef)
         for k in range(n):
             self.actors.append(self._new_actor(after=warms[k - at_once] if k >= at_once else None))
             warms.append(self.actors[-1].warmed)
@@ -126,7 +127,8 @@ class RayWorkers(Workers):
     def _new_actor(self, after: Any = None) -> Any:
         import ray
 
-        actor = ray.remote(num_cpus=1, num_gpus=self.gpus, max_restarts=0)(_Worker).remote(self.recipe, self.base_model, self.factory)
+        # Any: ray's stubs type an actor's methods as plain functions, without .remote
+        actor: Any = ray.remote(num_cpus=1, num_gpus=self.gpus, max_restarts=0)(_Worker).remote(self.recipe, self.base_model, self.factory)
         # load the base now, while the driver is busy; `after`: another worker's warm-up, which Ray finishes first
         actor.warmed = actor.warm.remote(after)
         return actor
@@ -268,7 +270,7 @@ class _Progress:
         self.done[kind, shard, attempt] = self.done.get((kind, shard, attempt), 0) + n
 
     def rows(self, running: list[tuple[str, int, int]]) -> list[int]:
-        return [self.done.get(tuple(key), 0) for key in running]
+        return [self.done.get(cast(tuple[str, int, int], tuple(key)), 0) for key in running]
 
 
 class _Bar:
@@ -279,15 +281,14 @@ class _Bar:
 
     def update(self, n: int) -> None:
         self.progress.add.remote(self.task.work.kind, self.task.shard, self.task.attempt, n)
-        if self.task.attempt == 0 and f"{self.task.work.kind}:{self.task.shard}" in os.environ.get(KILL_ENV, "").split(","):
-            os.kill(os.getpid(), signal.SIGKILL)
 
 
 class _Worker:
     """A Ray actor: one engine, loaded once (the base and each adapter), running one task at a time."""
 
     def __init__(self, recipe: Any, base_model: str, factory: Callable[[Any, str], Any] | None):
-        self.recipe, self.base_model, self.factory, self.engine = recipe, base_model, factory, None
+        self.recipe, self.base_model, self.factory = recipe, base_model, factory
+        self.engine: Inference | None = None
         self.adapter_dirs: dict[str, str] = {}
         self.scratch = tempfile.mkdtemp(prefix="minibt-worker-")
 

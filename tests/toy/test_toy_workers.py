@@ -1,18 +1,18 @@
 """The reduced toy run through the real CLI with `inference.workers=2` (the run's process and a Ray
 actor of a local cluster, one thread each, started and stopped by the run): its augmented instructions, scores, curated set
 and everything after them equal the one-worker run's, byte for byte, while a worker is SIGKILLed in the
-middle of an augment shard and another in the middle of a curation shard (ray_pool.KILL_ENV); each
-killed shard is retried and counted. The pool alone: tests/test_ray_pool.py."""
+middle of an augment shard and another in the middle of a curation shard (tests/fault_sites/sitecustomize.py,
+on the workers' PYTHONPATH); each killed shard is retried and counted. The pool alone: tests/test_ray_pool.py."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+from pathlib import Path
 
 import pytest
 from reduced_world import run_toy, small_recipe  # tests/toy is on sys.path (pytest's prepend import mode)
-
-from minibt.ray_pool import KILL_ENV
 
 pytest.importorskip("ray")  # the `ray` extra; .ci/run installs it, so CI runs this
 
@@ -29,7 +29,9 @@ def digests(run) -> dict[str, str]:
 def test_two_workers_with_a_worker_killed_in_each_stage_give_the_one_worker_run(toy_cache, tmp_path, monkeypatch):
     run_toy(tmp_path, "one", small_recipe(**SHARDS))
     # read by the Ray actor the run starts; shard 0 is the first a stage hands out, always to that actor
-    monkeypatch.setenv(KILL_ENV, "augment:0,curate_r1:0")
+    sites = Path(__file__).parents[1] / "fault_sites"
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(sites), os.environ.get("PYTHONPATH")])))
+    monkeypatch.setenv("MINIBT_FAULT_KILL_SHARDS", "augment:0,curate_r1:0")
     run_toy(tmp_path, "two", {**small_recipe(**SHARDS), "inference": {"workers": 2}})
 
     one, two = tmp_path / "one", tmp_path / "two"
