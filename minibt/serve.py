@@ -316,7 +316,8 @@ def serve(session: Session, sock: socket.socket, api_key: str | None = None) -> 
     import uvicorn
 
     app, worker = build_app(session, api_key)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=30))
+    # lifespan off: the app has no start-up or shutdown hooks, and uvicorn's lifespan task logs a CancelledError traceback on Ctrl-C
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=30, lifespan="off"))
 
     def stop(*_: Any) -> None:  # uvicorn re-sends the signal it stopped on once it is done: a no-op then
         server.should_exit = True
