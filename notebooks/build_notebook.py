@@ -129,7 +129,7 @@ client = OpenAI(base_url=url, api_key="unused")
 for model in ("m0", "m1"):
     reply = client.chat.completions.create(model=model, messages=[{"role": "user", "content": questions[0]}],
                                            max_tokens=MAX_NEW_TOKENS)
-    print(f"{model} (served): {reply.choices[0].message.content}\n")
+    print(f"{model} (served): {reply.choices[0].message.content}\\n")
 server.terminate()  # SIGTERM: it finishes what it was answering and stops
 server.wait()"""),
     ("md", """## Save the adapters

@@ -219,6 +219,17 @@ def test_notebook_is_valid_and_runs_readmes_commands():
             assert cell.source.startswith("if ON_COLAB:\n"), cell.source
 
 
+def test_every_notebook_code_cell_is_python():
+    """Shell and magic lines (! and %) aside, each code cell compiles: a slip in the build script (an escape that
+    became a newline inside a string) fails here, not minutes into tests/test_notebook.py."""
+    nbformat = pytest.importorskip("nbformat")
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            source = re.sub(r"^(\s*)[!%].*$", r"\1pass", cell.source, flags=re.M)
+            compile(source, f"cell {cell.get('id')}", "exec")
+
+
 def test_notebook_matches_its_build_script():
     nbformat = pytest.importorskip("nbformat")
     import importlib.util

@@ -29,6 +29,6 @@ def test_the_evaluate_stage_merges_its_metrics_and_keeps_the_other_parts(tmp_pat
     io.write_json(tmp_path / "metrics.json", {"pairwise": pairwise, "backward_accuracy": 1.0})  # `minibt eval`'s, and an old one
     monkeypatch.setattr(WORLD, "evaluate", lambda run, engine, recipe, workers: {"backward_accuracy": 50.0, "claims": []})
     (evaluate,) = [s for s in WORLD.stages(recipe) if s.name == "evaluate"]
-    assert run_stage(Context(rd, recipe, lambda: SimpleNamespace(name="hf")), evaluate)  # the engine: not used
+    assert run_stage(Context(rd, recipe, lambda: SimpleNamespace(infer=SimpleNamespace(name="hf"))), evaluate)  # the engine: not used
     assert json.loads((tmp_path / "metrics.json").read_text()) == {"pairwise": pairwise, "backward_accuracy": 50.0, "claims": []}
     assert rd.manifest["stages"]["evaluate"]["counts"] == {"backward_accuracy": 50.0, "claims": [], "engine": "hf"}
