@@ -12,10 +12,7 @@ from __future__ import annotations
 
 from importlib.metadata import distributions
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from minibt.recipe import Recipe
+from typing import Any
 
 ENTRY_POINTS = "minibt.worlds"
 
@@ -29,23 +26,23 @@ class World:
     config: type = object  # the dataclass of its section, with check(key) raising one-line RecipeErrors
     data_files: tuple[str, ...] = ()  # what its prepare writes besides data/seed.jsonl and data/corpus.jsonl
 
-    def prepare(self, run: Any, recipe: Recipe) -> dict[str, Any]:
+    def prepare(self, run: Any, recipe: Any) -> dict[str, Any]:
         """Write data/seed.jsonl, data/corpus.jsonl and `data_files` into the RunDir; return the counts."""
         raise NotImplementedError
 
-    def base(self, recipe: Recipe) -> Path:
+    def base(self, recipe: Any) -> Path:
         """The folder of its base model (built, or from a cache)."""
         raise NotImplementedError
 
-    def shape(self, recipe: Recipe) -> Any:
+    def shape(self, recipe: Any) -> Any:
         """Its base's shape (minibt.memory.Shape) for the dry-run memory estimate, without building it."""
         return None
 
-    def stages(self, recipe: Recipe) -> list[Any]:
+    def stages(self, recipe: Any) -> list[Any]:
         """Stages (minibt/stages/stage.py) that run after the method's own."""
         return []
 
-    def evaluate(self, run: Any, engine: Any, recipe: Recipe, workers: Any = None) -> dict[str, Any]:
+    def evaluate(self, run: Any, engine: Any, recipe: Any, workers: Any = None) -> dict[str, Any]:
         """Its metrics: the part of metrics.json it owns (`minibt eval --toy` recomputes them); its
         generations may run on the run's `workers` (minibt/workers.py), else on `engine`."""
         return {}
@@ -101,8 +98,9 @@ def named(section: str) -> World:
     return _registry()[section]
 
 
-def world_of(recipe: Recipe) -> World | None:
-    """The world whose section the recipe holds; None for a recipe on real data."""
+def world_of(recipe: Any) -> World | None:
+    """The world whose section the recipe holds; None for a recipe on real data. (`recipe`: a Recipe, which
+    imports this module to read world sections, so it is not named here.)"""
     if recipe.world is None:
         return None
     return next(w for w in _registry().values() if isinstance(recipe.world, w.config))
