@@ -59,6 +59,7 @@ def command(run: RunDir, host: str, port: int, api_key: str | None) -> tuple[lis
     """(the argv of vLLM's server for `run`, the model names it serves). Dequantizes the base once if needed."""
     from minibt.base_model import model_of
     from minibt.engine.load import has_gpu, load_tokenizer
+    from minibt.engine.text import TextRules
     from minibt.engine.vllm import engine_args, served_weights
     from minibt.session import answer_tokens
 
@@ -76,8 +77,7 @@ def command(run: RunDir, host: str, port: int, api_key: str | None) -> tuple[lis
     if own is not None:
         args.update(tokenizer=own, tokenizer_revision=None)
     tokenizer = load_tokenizer(model_cfg, own)
-    defaults = {"temperature": 0.0,
-                "max_new_tokens": answer_tokens(run, recipe, lambda t: len(tokenizer(t, add_special_tokens=False)["input_ids"]))}
+    defaults = {"temperature": 0.0, "max_new_tokens": answer_tokens(run, recipe, TextRules(tokenizer, model_cfg.max_length).count_tokens)}
     tag = recipe.forward.seed_tag if recipe.forward.tags else None
     bos = tokenizer.bos_token_id is not None and tokenizer("x")["input_ids"][:1] == [tokenizer.bos_token_id]
     argv = [sys.executable, "-m", SERVER_MODULE, *flags(args),
