@@ -296,7 +296,8 @@ class _Worker:
         if self.engine is None:
             import torch
 
-            torch.set_num_threads(self.recipe.run.threads)  # what the driver's CLI sets for itself
+            if self.recipe.run.threads:  # what the driver's CLI sets for itself (0: torch's default, every core)
+                torch.set_num_threads(self.recipe.run.threads)
             if self.factory is None:
                 from minibt.base_model import open_engine  # the run's one (HF) engine factory
 

@@ -23,7 +23,12 @@ NO_WARMUP_SCHEDULERS = ("constant", "reduce_lr_on_plateau", "greedy")  # transfo
 class RunSection:
     name: str = ""  # default: the recipe file's stem; the run directory is runs/<name>
     seed: int = 0  # fixes data order, LoRA init and sampling
-    threads: int = 1  # torch CPU threads: one per process: two collapse throughput on 2-core VMs; unused on a GPU
+    threads: int = 1  # torch CPU threads per process (0: one per core); unused on a GPU. Several processes on few
+    # cores (Ray workers, tests in parallel) each want 1: more collapse throughput on 2-core VMs
+
+    def check(self, key: str) -> None:
+        if self.threads < 0:
+            raise RecipeError(f"{key}.threads: must be >= 0 (0: one per core), got {self.threads}")
 
 
 @dataclass

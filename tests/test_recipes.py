@@ -82,7 +82,7 @@ def test_cpu_recipe_runs_the_small_instruct_model_on_the_cpu_with_its_own_templa
     # the one real model every machine of ours has: an instruct model, whose ChatML turn end is a trained token
     r = load_recipe(builtin.builtin_path("cpu-135m"))
     assert r.model.name == "HuggingFaceTB/SmolLM2-135M-Instruct" and r.model.device == "cpu"
-    assert (r.model.chat_template, r.model.quantization, r.run.threads) == ("auto", "nf4", 1)
+    assert (r.model.chat_template, r.model.quantization, r.run.threads) == ("auto", "none", 0)  # measured: docs/speed.md
     assert (r.seed.dataset, r.seed.format) == ("OpenAssistant/oasst1", "oasst")
     assert (r.augment.temperature, r.augment.top_p, r.curate.method) == (0.7, 0.9, "rubric")
 
