@@ -1,11 +1,13 @@
-"""Peak GPU memory of a recipe, per stage, estimated from the model's shape: no weights are loaded.
+"""Peak memory of a recipe, per stage, estimated from the model's shape: no weights are loaded. On a GPU
+the peak allocation; for a recipe with model.device=cpu the process's peak resident memory (RSS).
 
 The shape comes from, in order: a world's config (minibt/worlds.py: the toy world's); the model's `config.json`
 (a local folder, the Hugging Face cache, or one quick download of that one file); a small table of
 known shapes matched by model name (offline). Failing all three the estimate says it is unavailable
 rather than guessing.
 
-What is counted, in bytes (c = 2 for 16-bit compute, 4 for float32; T = batch x model.max_length):
+What is counted, in bytes (c = 2 for 16-bit compute, 4 for float32, which dtype auto is on a CPU;
+T = batch x model.max_length):
   weights      4-bit NF4 linear layers: 0.5 byte/param + quantization constants (double quant:
                one 8-bit absmax per 64 weights, one fp32 constant per 256 absmaxes); embeddings,
                lm_head and norms stay in 16-bit (c). quantization=none: every parameter at c bytes.
@@ -13,15 +15,16 @@ What is counted, in bytes (c = 2 for 16-bit compute, 4 for float32; T = batch x 
                training also holds its gradient and Adam's two moments: +12 bytes/param.
   activations  training: per layer and token about 4h + 3q + 3kv + 4i values (norm inputs and
                outputs, q/k/v before and after RoPE, attention output, the MLP's gate/up/act/product);
-               with gradient checkpointing only each layer's input (h) is kept, plus one layer
-               recomputed. Inference (no autograd): per token 2h + 3i values (residual, normed
+               with gradient checkpointing (GPU only: training on a CPU runs without it) only each
+               layer's input (h) is kept, plus one layer recomputed. Inference (no autograd): per token 2h + 3i values (residual, normed
                input, the MLP's gate, up and activation) of the one layer being computed.
   logits       training: T x vocab x (c + 8): the logits, their fp32 copy for the loss, and the fp32
                log-softmax (the transformers loss; unsloth's fused loss needs far less).
                Likelihood curation: the same without a gradient. Rubric scoring and generation: the
                last position only (batch x vocab x (c + 4)).
   kv_cache     2 x layers x kv x batch x model.max_length x c.
-  overhead     0.5 GiB for the CUDA context, cuBLAS workspace and allocator slack.
+  overhead     GPU: 0.5 GiB for the CUDA context, cuBLAS workspace and allocator slack. CPU: the Python
+               runtime with torch, transformers, trl and datasets imported (measured RSS before a model).
   vllm         inference stages on vLLM (inference.engine, minibt/inference.py): its own engine beside the
                training base (weights and adapters stay): inference.gpu_memory_utilization of the GPU
                when one is visible; else its weights, max_loras adapter slots, the KV cache (inference.
@@ -48,6 +51,7 @@ LORA_BYTES = 4  # an adapter's fp32 weights
 LORA_TRAIN_EXTRA_BYTES = 12  # its gradient (4) and Adam's two moments (8), while it trains
 LOSS_EXTRA_BYTES = 8  # fp32 copy of the logits + fp32 log-softmax, per logit, in training
 OVERHEAD = GiB // 2  # CUDA context, cuBLAS workspace, allocator slack
+CPU_RUNTIME = 700 * 2**20  # RSS of the Python runtime with minibt's libraries imported (bench/real/memory.py)
 CONFIG_TIMEOUT_S = 5.0  # one try at fetching config.json; offline, the known shapes answer
 
 
@@ -242,14 +246,15 @@ class MemoryEstimate:
     stages: list[StageMemory] = dataclasses.field(default_factory=list)
     lora_params: int = 0
     max_length: int = 0
+    cpu: bool = False  # model.device=cpu: the figures are the process's RSS
 
     @property
     def peak(self) -> StageMemory | None:
         return max(self.stages, key=lambda s: s.total) if self.stages else None
 
 
-def _compute_bytes(dtype: str) -> int:
-    return 4 if dtype == "float32" else 2  # auto: bf16, or fp16 on a T4
+def _compute_bytes(dtype: str, cpu: bool) -> int:
+    return 4 if dtype == "float32" or (dtype == "auto" and cpu) else 2  # auto on a GPU: bf16, or fp16 on a T4
 
 
 def weight_bytes(shape: Shape, quantization: str, c: int) -> int:
@@ -272,7 +277,8 @@ def kv_cache_bytes(shape: Shape, batch: int, length: int, c: int) -> int:
 def estimate_stages(recipe: Recipe, shape: Shape, stages: list[Any]) -> list[StageMemory]:
     """Peak memory of each stage in `stages` (minibt/stages/stage.py's Stage, as pipeline.stages declares them)."""
     from minibt.roles import MYX
-    m, c, length = recipe.model, _compute_bytes(recipe.model.dtype), recipe.model.max_length
+    cpu = recipe.model.device == "cpu"
+    m, c, length = recipe.model, _compute_bytes(recipe.model.dtype, cpu), recipe.model.max_length
     weights = weight_bytes(shape, m.quantization, c)
     lora = shape.lora_params(recipe.lora.r, recipe.lora.target_modules)
     from minibt.inference import choose
@@ -288,7 +294,7 @@ def estimate_stages(recipe: Recipe, shape: Shape, stages: list[Any]) -> list[Sta
             cfg = recipe.backward if stage.adapter == MYX else recipe.forward
             tokens = cfg.batch_size * length
             parts["lora"] = adapters * lora * LORA_BYTES + lora * LORA_TRAIN_EXTRA_BYTES
-            parts["activations"] = training_activation_bytes(shape, tokens, c, cfg.gradient_checkpointing)
+            parts["activations"] = training_activation_bytes(shape, tokens, c, cfg.gradient_checkpointing and not cpu)
             parts["logits"] = tokens * shape.vocab * (c + LOSS_EXTRA_BYTES)
             parts["kv_cache"] = 0
         else:
@@ -306,7 +312,7 @@ def estimate_stages(recipe: Recipe, shape: Shape, stages: list[Any]) -> list[Sta
             parts["activations"] = batch * length * shape.inference_per_token_layer() * c
             parts["logits"] = logits
             parts["kv_cache"] = kv_cache_bytes(shape, batch, length, c)
-        parts["overhead"] = OVERHEAD
+        parts["overhead"] = CPU_RUNTIME if cpu else OVERHEAD
         if not stage.adapter and vllm:  # vLLM computes; the training base stays on the GPU
             parts.update(activations=0, logits=0, kv_cache=0, vllm=vllm)
         out.append(StageMemory(stage.name, parts))
@@ -341,6 +347,7 @@ def estimate(recipe: Recipe, stages: list[Any] | None = None) -> MemoryEstimate:
     return MemoryEstimate(
         name, source, shape, estimate_stages(recipe, shape, stages if stages is not None else declared(recipe)),
         lora_params=shape.lora_params(recipe.lora.r, recipe.lora.target_modules), max_length=recipe.model.max_length,
+        cpu=recipe.model.device == "cpu",
     )
 
 
@@ -357,7 +364,8 @@ def format_estimate(est: MemoryEstimate) -> str:
         return f"memory estimate: unavailable for {est.model}: {est.source}"
     gib = lambda b: f"{b / GiB:.2f}"  # noqa: E731
     lines = [
-        "memory estimate (peak GPU memory in GiB: an estimate from the model's shape, not a measurement)",
+        f"memory estimate ({'peak RSS of the process' if est.cpu else 'peak GPU memory'} in GiB: an estimate from the model's"
+        " shape, not a measurement)",
         f"  {est.model}: {_count(est.shape.params())} parameters, {est.source}",
         f"  LoRA: {_count(est.lora_params)} parameters per adapter",
         f"  {'stage':<14}{'peak':>7}" + "".join(f"{c:>12}" for c in (*COLUMNS, "overhead")),

@@ -4,6 +4,8 @@ once), the built-in cpu-135m recipe cut to a few steps, on the tests' small OASS
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -53,3 +55,15 @@ def test_generation_stops_at_the_end_of_turn_and_adapters_carry_it(run):
     # with a wrong EOS every instruction runs to the cap; myx's stop at <|im_end|> (few steps: most, not all)
     assert len(rows) >= 8 and sum(n < MAX_NEW - 2 for n in lengths) >= len(rows) // 2, lengths
     assert not any("<|im_end|>" in r["instruction"] or "<|im_start|>" in r["instruction"] for r in rows)
+
+
+@pytest.mark.parametrize("stage", ["backward", "curate_r1"])
+def test_peak_memory_is_within_a_quarter_of_the_estimate(smollm2, stage, tmp_path):
+    """`--dry-run`'s CPU estimate of a stage against the peak RSS of that stage at its worst case (every batch
+    padded to model.max_length), measured in a fresh process by bench/real/memory.py, as a user runs it."""
+    out = tmp_path / "memory.json"
+    script = Path(__file__).resolve().parents[1] / "bench" / "real" / "memory.py"
+    subprocess.run([sys.executable, str(script), "--stages", stage, "--set", "model.max_length=512", "--out", str(out)],
+                   check=True)
+    measured = json.loads(out.read_text())["stages"][stage]
+    assert abs(measured["estimate_error"]) <= 0.25, measured
