@@ -86,7 +86,8 @@ class FlopCounter:
     """Counts the matmul FLOPs of every `nn.Linear` forward under a model (see the module docstring)."""
 
     def __init__(self, model: torch.nn.Module):
-        self.model, self.flops, self._hooks = model, 0, []
+        self.model, self.flops = model, 0
+        self._hooks: list[Any] = []
 
     def _hook(self, module: torch.nn.Linear, inputs: tuple[Any, ...], _output: Any) -> None:
         x = inputs[0]
@@ -100,4 +101,4 @@ class FlopCounter:
         finally:
             for h in self._hooks:
                 h.remove()
-            self._hooks = []
+            self._hooks.clear()
