@@ -49,7 +49,8 @@ def test_dry_run_prints_plan_and_estimate_and_loads_nothing(path, nothing_loads,
     assert result.exit_code == 0, result.output
     recipe = load_recipe(path)
     assert "stages: " + " -> ".join(plan(recipe)) in result.output
-    assert "memory estimate (peak GPU memory in GiB: an estimate" in result.output
+    device = "peak RSS of the process" if recipe.model.device == "cpu" else "peak GPU memory"
+    assert f"memory estimate ({device} in GiB: an estimate" in result.output
     assert re.search(r"max: \d+\.\d\d GiB \(estimated\), in \w+", result.output)
     for stage in plan(recipe)[1:]:  # prepare runs on the CPU
         assert re.search(rf"^  {stage} +\d+\.\d\d", result.output, re.M), stage
