@@ -19,7 +19,9 @@ T = batch x model.max_length):
                layer's input (h) is kept, plus one layer recomputed. Inference (no autograd): per token 2h + 3i values (residual, normed
                input, the MLP's gate, up and activation) of the one layer being computed.
   logits       training: T x vocab x (c + 8): the logits, their fp32 copy for the loss, and the fp32
-               log-softmax (the transformers loss; unsloth's fused loss needs far less).
+               log-softmax (the transformers loss; unsloth's fused loss needs far less). On a CPU,
+               measured: trl's chunked loss holds min(T, 256) x vocab x (c + 8), and the activations
+               are CPU_ACTIVATION_FACTOR x the saved-tensor count (the peak RSS of the backward pass).
                Likelihood curation: the same without a gradient. Rubric scoring and generation: the
                last position only (batch x vocab x (c + 4)).
   kv_cache     2 x layers x kv x batch x model.max_length x c.
@@ -52,6 +54,10 @@ LORA_TRAIN_EXTRA_BYTES = 12  # its gradient (4) and Adam's two moments (8), whil
 LOSS_EXTRA_BYTES = 8  # fp32 copy of the logits + fp32 log-softmax, per logit, in training
 OVERHEAD = GiB // 2  # CUDA context, cuBLAS workspace, allocator slack
 CPU_RUNTIME = 700 * 2**20  # RSS of the Python runtime with minibt's libraries imported (bench/real/memory.py)
+# CPU training: peak RSS over the saved-tensor count, measured on SmolLM2-135M at 256-768 tokens a batch
+# (bench/real/memory.py): autograd's transients in the backward pass and blocks the allocator keeps
+CPU_ACTIVATION_FACTOR = 1.6
+LOSS_CHUNK = 256  # trl's default loss (chunked_nll) computes the lm_head on this many completion tokens at a time
 CONFIG_TIMEOUT_S = 5.0  # one try at fetching config.json; offline, the known shapes answer
 
 
@@ -294,8 +300,12 @@ def estimate_stages(recipe: Recipe, shape: Shape, stages: list[Any]) -> list[Sta
             cfg = recipe.backward if stage.adapter == MYX else recipe.forward
             tokens = cfg.batch_size * length
             parts["lora"] = adapters * lora * LORA_BYTES + lora * LORA_TRAIN_EXTRA_BYTES
-            parts["activations"] = training_activation_bytes(shape, tokens, c, cfg.gradient_checkpointing and not cpu)
-            parts["logits"] = tokens * shape.vocab * (c + LOSS_EXTRA_BYTES)
+            if cpu:
+                parts["activations"] = round(training_activation_bytes(shape, tokens, c, False) * CPU_ACTIVATION_FACTOR)
+                parts["logits"] = min(tokens, LOSS_CHUNK) * shape.vocab * (c + LOSS_EXTRA_BYTES)
+            else:  # trl's chunked loss applies here too; unmeasured on a GPU, the full logits stay the worst case
+                parts["activations"] = training_activation_bytes(shape, tokens, c, cfg.gradient_checkpointing)
+                parts["logits"] = tokens * shape.vocab * (c + LOSS_EXTRA_BYTES)
             parts["kv_cache"] = 0
         else:
             parts["lora"] = adapters * lora * LORA_BYTES
