@@ -16,8 +16,9 @@ T = batch x model.max_length):
   activations  training: per layer and token about 4h + 3q + 3kv + 4i values (norm inputs and
                outputs, q/k/v before and after RoPE, attention output, the MLP's gate/up/act/product);
                with gradient checkpointing (GPU only: training on a CPU runs without it) only each
-               layer's input (h) is kept, plus one layer recomputed. Inference (no autograd): per token 2h + 3i values (residual, normed
-               input, the MLP's gate, up and activation) of the one layer being computed.
+               layer's input (h) is kept, plus one layer recomputed. Inference (no autograd): per
+               token 2h + 3i values (residual, normed input, the MLP's gate, up and activation) of the
+               one layer being computed.
   logits       training: T x vocab x (c + 8): the logits, their fp32 copy for the loss, and the fp32
                log-softmax (the transformers loss; unsloth's fused loss needs far less). On a CPU,
                measured: trl's chunked loss holds min(T, 256) x vocab x (c + 8), and the activations

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import resource
 import tempfile
 import time
 from pathlib import Path
@@ -38,6 +37,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     from minibt import io
     from minibt.base_model import model_of
+    from minibt.bench.stats import peak_rss_mib
     from minibt.engine import Engine
     from minibt.rundir import RunDir
     from minibt.stages.backward import backward_rows
@@ -65,7 +65,7 @@ def main() -> None:
     print(json.dumps({"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
                       "threads": torch.get_num_threads(), "micro_batch_s": [round(s, 2) for s in seconds],
                       "total_s": round(sum(seconds), 1), "after_first_s": round(sum(seconds[1:]), 1), "loss": result["train_loss"],
-                      "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}))
+                      "peak_rss_mib": peak_rss_mib()}))
 
 
 if __name__ == "__main__":

@@ -21,52 +21,58 @@ import torch
 MATMUL_SHAPE = (1024, 576, 1536)  # a batch of tokens through SmolLM2-135M's MLP: the shape its stages multiply
 
 
+@contextlib.contextmanager
+def _threads(n: int) -> Iterator[None]:
+    """Run the block on `n` torch threads, then restore the caller's count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _sync(device: str) -> None:
+    if device != "cpu":
+        torch.cuda.synchronize()
+
+
 def matmul_gflops(dtype: torch.dtype, threads: int, shape: tuple[int, int, int] = MATMUL_SHAPE, seconds: float = 1.0,
                   device: str = "cpu") -> float:
     """Best GFLOP/s of repeated (m x k) @ (k x n) products on `threads` torch threads, over five timed rounds."""
     m, k, n = shape
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with _threads(threads):
         gen = torch.Generator(device=device).manual_seed(0)
         a = torch.randn(m, k, generator=gen, device=device).to(dtype)
         b = torch.randn(k, n, generator=gen, device=device).to(dtype)
-        sync = torch.cuda.synchronize if device != "cpu" else (lambda: None)
         t0 = time.perf_counter()
         a @ b
-        sync()
+        _sync(device)
         reps = max(1, min(1000, int(seconds / 5 / max(time.perf_counter() - t0, 1e-6))))
         best = float("inf")
         for _ in range(5):
             t0 = time.perf_counter()
             for _ in range(reps):
                 a @ b
-            sync()
+            _sync(device)
             best = min(best, (time.perf_counter() - t0) / reps)
         return round(2 * m * k * n / best / 1e9, 1)
-    finally:
-        torch.set_num_threads(before)
 
 
 def copy_gbs(threads: int, mib: int = 256, device: str = "cpu") -> float:
     """Best GB/s of copying a `mib` MiB float32 tensor (read + write counted), over five rounds."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with _threads(threads):
         src = torch.ones(mib * 2**20 // 4, device=device)
         dst = torch.empty_like(src)
-        sync = torch.cuda.synchronize if device != "cpu" else (lambda: None)
         dst.copy_(src)
         best = float("inf")
         for _ in range(5):
-            sync()
+            _sync(device)
             t0 = time.perf_counter()
             dst.copy_(src)
-            sync()
+            _sync(device)
             best = min(best, time.perf_counter() - t0)
         return round(2 * src.numel() * 4 / best / 1e9, 1)
-    finally:
-        torch.set_num_threads(before)
 
 
 def roofline(threads: int, dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16)) -> dict[str, Any]:
@@ -75,7 +81,7 @@ def roofline(threads: int, dtypes: tuple[torch.dtype, ...] = (torch.float32, tor
     out: dict[str, Any] = {"threads": threads, "matmul_shape": list(MATMUL_SHAPE), "cpu": torch.backends.cpu.get_cpu_capability()}
     for dtype in dtypes:
         name = str(dtype).removeprefix("torch.")
-        # a dtype without a fast kernel here (bf16 on AVX2: ~1 GFLOP/s) needs far fewer repetitions
+        # half a second each: the repetitions adapt, so a dtype without a fast kernel (bf16 on AVX2) stays short
         out[f"matmul_gflops_{name}"] = {str(t): matmul_gflops(dtype, t, seconds=0.5) for t in counts}
     out["copy_gbs"] = {str(t): copy_gbs(t) for t in counts}
     out["best_gflops"] = max(v[str(threads)] for k, v in out.items() if k.startswith("matmul_gflops_"))
