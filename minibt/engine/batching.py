@@ -1,5 +1,6 @@
 """Prompts as batches of token ids: the generation budget, length-sorted batches that halve on
-out-of-memory, left padding, and the head every prompt shares (computed once, its KV cache reused)."""
+out-of-memory, left padding, groups of rows that waste little of it, and the head every prompt shares
+(computed once, its KV cache reused)."""
 
 from __future__ import annotations
 
@@ -65,6 +66,54 @@ def left_pad(seqs: list[list[int]], pad: int, device: torch.device) -> tuple[tor
     return ids, mask
 
 
+def pad_groups(lengths: Sequence[int], max_pad_share: float) -> list[list[int]]:
+    """Row indices, longest first, in runs whose left padding is at most `max_pad_share` of the run's
+    positions: one forward each. Padding is computed like any token, so on a CPU a batch of mixed lengths
+    wastes most of its work (59 % of augmentation's positions were padding on the real model, one batch
+    of 16 texts); 1.0 keeps the batch whole."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    groups: list[list[int]] = []
+    for i in order:
+        group = groups[-1] if groups else []
+        width, real = (lengths[group[0]], sum(lengths[j] for j in group) + lengths[i]) if group else (lengths[i], lengths[i])
+        if group and width * (len(group) + 1) - real <= max_pad_share * width * (len(group) + 1):
+            group.append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
+def join_caches(caches: Sequence[Any], widths: Sequence[int], shared: int) -> Any:
+    """One KV cache (the first one, extended) for rows prefilled in groups: cache g holds rows
+    left-padded to widths[g] after a head of `shared` positions; each is padded with zeros (masked
+    out) between the head and its rows to the widest, then all are stacked on the batch dimension."""
+    from transformers.cache_utils import DynamicLayer
+
+    joined, width = caches[0], max(widths)
+    if len(caches) == 1 and widths[0] == width:
+        return joined
+    for n, layer in enumerate(joined.layers):
+        if type(layer) is not DynamicLayer:
+            raise TypeError(f"cannot join KV caches of layer type {type(layer).__name__}")
+        keys, values = [], []
+        for cache, w in zip(caches, widths):
+            k, v = cache.layers[n].keys, cache.layers[n].values
+            if w < width:
+                k, v = (torch.cat([t[:, :, :shared], t.new_zeros(*t.shape[:2], width - w, t.shape[3]), t[:, :, shared:]], dim=2)
+                        for t in (k, v))
+            keys.append(k)
+            values.append(v)
+        layer.keys, layer.values = torch.cat(keys), torch.cat(values)
+    return joined
+
+
+def plain_cache(cache: Any) -> bool:
+    """Whether every layer of `cache` is a plain growing one (`join_caches` can pad it): not a sliding window."""
+    from transformers.cache_utils import DynamicLayer
+
+    return cache is None or all(type(layer) is DynamicLayer for layer in cache.layers)
+
+
 def common_prefix(seqs: Sequence[Sequence[int]]) -> int:
     """Length of the token prefix all `seqs` share, leaving every sequence at least one token after it."""
     if not seqs:
@@ -87,8 +136,12 @@ def after_head(mask: torch.Tensor, head: tuple[int, Any]) -> tuple[torch.Tensor,
     positions = (mask.cumsum(-1) - 1).clamp(min=0) + shared
     if not shared:
         return mask, positions, None
-    rows = mask.shape[0]
-    return torch.cat([mask.new_ones(rows, shared), mask], dim=1), positions, repeat_cache(head_cache, rows)
+    return with_head(mask, shared), positions, repeat_cache(head_cache, mask.shape[0])
+
+
+def with_head(mask: torch.Tensor, shared: int) -> torch.Tensor:
+    """The attention mask of rows that follow a head of `shared` positions."""
+    return torch.cat([mask.new_ones(mask.shape[0], shared), mask], dim=1) if shared else mask
 
 
 def repeat_cache(cache: Any, n: int) -> Any:

@@ -18,35 +18,44 @@ import torch
 
 from minibt import stack_guards as guards
 from minibt.engine import sampling
-from minibt.engine.batching import MIN_SHARED_PREFIX, after_head, common_prefix, each_batch, left_pad
+from minibt.engine.batching import MIN_SHARED_PREFIX, after_head, common_prefix, each_batch, join_caches, left_pad, pad_groups, plain_cache, with_head
 from minibt.engine.load import compute_dtype
 from minibt.engine.text import TextRules, renormalised
 
 log = logging.getLogger("minibt.engine")
+
+# On a CPU a batch runs as forwards over rows of similar length (`pad_groups`): padding is computed like any
+# token there, while a smaller forward costs little. A GPU runs each batch whole, as before (not measured).
+CPU_MAX_PAD_SHARE = 0.1
 
 
 class HFInference:
     """Generation, next-token scoring and log-likelihoods over one model; `roles.use(name)` picks the adapter.
 
     `prefix_cache`: compute a head shared by every prompt (a system prompt, the rubric) once per call;
-    off only to check that it changes nothing (tests, bench/device_check.py)."""
+    off only to check that it changes nothing (tests, bench/device_check.py). `max_pad_share`: how much of
+    a forward may be padding before its rows split by length (`pad_groups`; default: the device's rule)."""
 
     name = "hf"
 
     def __init__(self, model: Any, tokenizer: Any, model_cfg: Any, backend: str, roles: Any, seed: int,
-                 prefix_cache: bool = True):
+                 prefix_cache: bool = True, max_pad_share: float | None = None):
         self.model, self.tokenizer, self.model_cfg, self.backend, self.roles = model, tokenizer, model_cfg, backend, roles
         self.seed = seed  # sampling's seed when a call gives none
         self.dtype = compute_dtype(model_cfg.dtype)
         self.text = TextRules(tokenizer, model_cfg.max_length)
         self._prefix_cache = prefix_cache
+        self.max_pad_share = max_pad_share if max_pad_share is not None else (
+            CPU_MAX_PAD_SHARE if self.device.type == "cpu" else 1.0)
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         # only the last position's logits where the forward allows it (transformers >= 4.50)
         self._last_only = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(base.forward).parameters else {}
 
-    def variant(self, prefix_cache: bool) -> HFInference:
-        """The same model and roles with the prefix cache on or off (its own `truncated` count)."""
-        return HFInference(self.model, self.tokenizer, self.model_cfg, self.backend, self.roles, self.seed, prefix_cache)
+    def variant(self, prefix_cache: bool = True, max_pad_share: float | None = None) -> HFInference:
+        """The same model and roles with the prefix cache on or off, or another padding rule (its own
+        `truncated` count)."""
+        return HFInference(self.model, self.tokenizer, self.model_cfg, self.backend, self.roles, self.seed, prefix_cache,
+                           max_pad_share if max_pad_share is not None else self.max_pad_share)
 
     @property
     def adapters(self) -> list[str]:
@@ -115,17 +124,28 @@ class HFInference:
         from transformers import DynamicCache
 
         eos = self.tokenizer.eos_token_id
-        mask, positions, cache = after_head(mask, head)  # `ids` are the rows after the head (`shared_head`)
-        cache = cache if cache is not None else DynamicCache()
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                         use_cache=True, **self._last_only)
-        position = positions[:, -1:]
-        alive = torch.arange(ids.shape[0], device=ids.device)  # batch row -> input row
+        # `ids` are the rows after the head (`shared_head`); prefilled in groups of similar length, then one batch
+        groups = self.groups(mask) if plain_cache(head[1]) else [list(range(ids.shape[0]))]
+        logits, caches, widths, positions = [], [], [], []
+        for group in groups:
+            rows = torch.tensor(group, device=ids.device)
+            width = int(mask[rows].sum(-1).max())
+            group_mask, group_positions, cache = after_head(mask[rows, -width:], head)
+            cache = cache if cache is not None else DynamicCache()
+            logits.append(self.model(input_ids=ids[rows, -width:], attention_mask=group_mask, position_ids=group_positions,
+                                     past_key_values=cache, use_cache=True, **self._last_only).logits[:, -1, :])
+            caches.append(cache)
+            widths.append(width)
+            positions.append(group_positions[:, -1:])
+        alive = torch.tensor([i for group in groups for i in group], device=ids.device)  # batch row -> input row
+        cache = join_caches(caches, widths, head[0])
+        mask = with_head(mask[alive], head[0])
+        position, next_logits = torch.cat(positions), torch.cat(logits)
         limit = torch.tensor(list(budgets), device=ids.device)
         tokens: list[list[int]] = [[] for _ in range(ids.shape[0])]
         for t in range(max(budgets)):
-            guards.check_finite(out.logits[:, -1, :], adapter, "decoding", self.dtype)
-            next_ids = sampling.pick(out.logits[:, -1, :].float(), temperature, top_p, g)
+            guards.check_finite(next_logits, adapter, "decoding", self.dtype)
+            next_ids = sampling.pick(next_logits.float(), temperature, top_p, g)
             for row, tok in zip(alive.tolist(), next_ids.tolist()):
                 if tok != eos:
                     tokens[row].append(tok)
@@ -137,9 +157,17 @@ class HFInference:
                 alive, mask, position, next_ids = alive[running], mask[running], position[running], next_ids[running]
             mask = torch.cat([mask, mask.new_ones(len(alive), 1)], dim=1)
             position = position + 1
-            out = self.model(input_ids=next_ids[:, None], attention_mask=mask, position_ids=position,
-                             past_key_values=cache, use_cache=True)
+            next_logits = self.model(input_ids=next_ids[:, None], attention_mask=mask, position_ids=position,
+                                     past_key_values=cache, use_cache=True).logits[:, -1, :]
         return tokens
+
+    def groups(self, mask: torch.Tensor) -> list[list[int]]:
+        """The rows of a left-padded batch as forwards of similar length (`pad_groups`)."""
+        return pad_groups(mask.sum(-1).tolist(), self.max_pad_share)
+
+    def rows_in_groups(self, batch: list[int], lengths: list[int]) -> list[list[int]]:
+        """`batch` (prompt indices, their token counts `lengths`) as forwards of similar length."""
+        return [[batch[j] for j in group] for group in pad_groups(lengths, self.max_pad_share)]
 
     def stream(self, adapter: str, prompt: str, max_new_tokens: int, temperature: float, top_p: float,
                on_text: Callable[[str], None]) -> str:
@@ -180,17 +208,18 @@ class HFInference:
         choice_index = torch.tensor(ids, device=self.device)
         head: list[tuple[int, Any]] = []  # the rubric, the same text before every pair (`shared_head`)
 
-        def step(_: int, idx: list[int]) -> None:
-            input_ids, mask = self.left_pad([encoded[i][head[0][0]:] for i in idx])
-            mask, position_ids, cache = after_head(mask, head[0])
-            extra = {"past_key_values": cache} if cache is not None else {}
-            # only the last position's logits: the LM head over every prompt position is wasted work
-            # (with a 128k vocabulary, [batch, 1024, 128256] fp32 logits alone are 8 GB at batch 16);
-            # use_cache=False: no cache of these rows is reused (a head cache given is still read)
-            logits = self.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=False,
-                                **extra, **self._last_only).logits[:, -1, :]
-            guards.check_finite(logits, adapter, "scoring", self.dtype)
-            probs[idx] = torch.softmax(logits.float(), dim=-1)[:, choice_index].cpu().numpy()
+        def step(_: int, batch: list[int]) -> None:
+            for idx in self.rows_in_groups(batch, [len(encoded[i]) - head[0][0] for i in batch]):
+                input_ids, mask = self.left_pad([encoded[i][head[0][0]:] for i in idx])
+                mask, position_ids, cache = after_head(mask, head[0])
+                extra = {"past_key_values": cache} if cache is not None else {}
+                # only the last position's logits: the LM head over every prompt position is wasted work
+                # (with a 128k vocabulary, [batch, 1024, 128256] fp32 logits alone are 8 GB at batch 16);
+                # use_cache=False: no cache of these rows is reused (a head cache given is still read)
+                logits = self.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=False,
+                                    **extra, **self._last_only).logits[:, -1, :]
+                guards.check_finite(logits, adapter, "scoring", self.dtype)
+                probs[idx] = torch.softmax(logits.float(), dim=-1)[:, choice_index].cpu().numpy()
 
         with self.roles.use(adapter):
             head.append(self.shared_head(encoded))
@@ -204,16 +233,18 @@ class HFInference:
         seqs, comp = self.text.completion_sequences(prompts, completions)
         out = np.zeros(len(seqs))
 
-        def step(_: int, idx: list[int]) -> None:
-            input_ids, mask = self.left_pad([seqs[i] for i in idx])
-            position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-            # use_cache=False: nothing reuses a cache here (the config's default would build one)
-            logits = self.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=False).logits
-            guards.check_finite(logits, adapter, "completion log-likelihoods", self.dtype)
-            logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-            token_logp = logp.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
-            for row, i in enumerate(idx):
-                out[i] = token_logp[row, -len(comp[i]) :].mean().item()
+        def step(_: int, batch: list[int]) -> None:
+            for idx in self.rows_in_groups(batch, [len(seqs[i]) for i in batch]):
+                input_ids, mask = self.left_pad([seqs[i] for i in idx])
+                position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+                # use_cache=False: nothing reuses a cache here (the config's default would build one)
+                logits = self.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
+                                    use_cache=False).logits
+                guards.check_finite(logits, adapter, "completion log-likelihoods", self.dtype)
+                logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+                token_logp = logp.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+                for row, i in enumerate(idx):
+                    out[i] = token_logp[row, -len(comp[i]) :].mean().item()
 
         with self.roles.use(adapter):
             each_batch(seqs, batch_size, step, progress)

@@ -8,7 +8,7 @@ import logging
 import pytest
 
 from minibt.engine import MIN_NEW_TOKENS, Engine, generation_budget
-from minibt.engine.batching import common_prefix
+from minibt.engine.batching import common_prefix, pad_groups
 from minibt.recipe import LoraSection, ModelSection
 
 CONTEXT = 64
@@ -27,6 +27,22 @@ CONTEXT = 64
 def test_generation_budget(prompt, want, kept, new):
     assert generation_budget(prompt, want, CONTEXT) == (kept, new)
     assert kept + new <= CONTEXT
+
+
+@pytest.mark.parametrize("lengths", [[50, 10, 48, 9, 30, 50, 1], [7], [3, 3, 3, 3], list(range(1, 40))])
+@pytest.mark.parametrize("share", [0.0, 0.1, 0.5, 1.0])
+def test_pad_groups_cover_every_row_once_longest_first_within_the_padding_bound(lengths, share):
+    groups = pad_groups(lengths, share)
+    rows = [i for g in groups for i in g]
+    assert sorted(rows) == list(range(len(lengths)))
+    assert [lengths[i] for i in rows] == sorted(lengths, reverse=True)
+    for g in groups:
+        width = lengths[g[0]]
+        assert width * len(g) - sum(lengths[i] for i in g) <= share * width * len(g)
+    if share == 1.0:
+        assert len(groups) == 1
+    if share == 0.0:  # only equal lengths share a forward
+        assert len(groups) == len(set(lengths))
 
 
 @pytest.fixture(scope="module")

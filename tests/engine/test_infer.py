@@ -87,13 +87,14 @@ def _oom_above(limit: int, calls: list[int]):
 
 
 def test_inference_halves_the_batch_on_out_of_memory(engine):
+    infer = engine.infer.variant(max_pad_share=1.0)  # each batch one forward, as on a GPU
     prompts = [p["prompt"] for p in pairs(engine, 8)]
-    want, _ = engine.infer.next_token_probs("m0", prompts, "Score:", CHOICES, batch_size=8)
+    want, _ = infer.next_token_probs("m0", prompts, "Score:", CHOICES, batch_size=8)
     calls: list[int] = []
     handle = engine.model.get_base_model().register_forward_pre_hook(_oom_above(2, calls), with_kwargs=True)
     try:
-        got, _ = engine.infer.next_token_probs("m0", prompts, "Score:", CHOICES, batch_size=8)
-        texts = engine.infer.generate("m0", prompts[:3], max_new_tokens=2, batch_size=8)
+        got, _ = infer.next_token_probs("m0", prompts, "Score:", CHOICES, batch_size=8)
+        texts = infer.generate("m0", prompts[:3], max_new_tokens=2, batch_size=8)
     finally:
         handle.remove()
     batches = calls[1:] if calls[0] == 1 else calls  # [1]: the shared-prefix pass (the prefix cache)
@@ -131,6 +132,30 @@ def test_prefix_cache_generates_exactly_like_full_prompts(random_lora_engine):
     assert outputs[True] == outputs[False]
 
 
+# --- forwards split by length on a CPU: padding is computed work there ----------------------------
+
+
+@pytest.mark.parametrize("head", ["", "write the instruction that the following text is the answer to, in the north and the south. "])
+def test_rows_split_by_length_give_what_the_whole_batch_gives(random_lora_engine, head):
+    """Prefill in groups of similar length (each its own forward, the caches joined for decoding), with
+    and without a shared head: the texts, scores and log-likelihoods of one padded forward per batch."""
+    e = random_lora_engine
+    tails = ("the king is red.", "a", "the small old river is blue and the city is new " * 4, "five small kings", "the north " * 9)
+    texts = [e.text.render([{"role": "user", "content": head + tail}]) for tail in tails]
+    split, whole = e.infer.variant(max_pad_share=0.0), e.infer.variant(max_pad_share=1.0)
+    ids, mask = e.infer.left_pad(e.tokenizer(texts)["input_ids"])
+    assert len(split.groups(mask)) == len(tails) and len(whole.groups(mask)) == 1
+    for t in (0.0, 0.9):
+        kwargs = dict(max_new_tokens=8, temperature=t, top_p=0.9, batch_size=5, seed=1)
+        assert split.generate("myx", texts, **kwargs) == whole.generate("myx", texts, **kwargs)
+    got, _ = split.next_token_probs("rater", texts, "Score:", CHOICES)
+    want, _ = whole.next_token_probs("rater", texts, "Score:", CHOICES)
+    assert np.allclose(got, want, atol=1e-5)
+    completions = ["the king is red."] * len(texts)
+    assert np.allclose(split.completion_logprobs("rater", texts, completions),
+                       whole.completion_logprobs("rater", texts, completions), atol=1e-5)
+
+
 # --- no KV cache where none is reused ----------------------------------------------------------
 
 
@@ -143,7 +168,7 @@ def test_scoring_and_log_likelihoods_build_no_kv_cache(engine):
         infer.completion_logprobs("m0", _prompts(engine, 2), ["the king is red.", "the river"])
     finally:
         hook.remove()
-    assert len(caches) == 2 and caches == [None, None]
+    assert len(caches) >= 2 and all(cache is None for cache in caches)  # a forward per group of similar length
 
 
 # --- fully masked rows: fp16 batches, NaN guard --------------------------------------------------
