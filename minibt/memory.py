@@ -12,7 +12,8 @@ T = batch x model.max_length):
                one 8-bit absmax per 64 weights, one fp32 constant per 256 absmaxes); embeddings,
                lm_head and norms stay in 16-bit (c). quantization=none: every parameter at c bytes.
   lora         every adapter on the base so far (myx, m0, m1...): 4 bytes/param (fp32); the one in
-               training also holds its gradient and Adam's two moments: +12 bytes/param.
+               training also holds its gradient and Adam's two moments: +12 bytes/param. Inference on a
+               float32 base runs the adapter folded into copies of the weights it adapts (+4 bytes each).
   activations  training: per layer and token about 4h + 3q + 3kv + 4i values (norm inputs and
                outputs, q/k/v before and after RoPE, attention output, the MLP's gate/up/act/product);
                with gradient checkpointing (GPU only: training on a CPU runs without it) only each
@@ -105,6 +106,11 @@ class Shape:
     def lora_params(self, r: int, targets: list[str]) -> int:
         dims = self.modules()
         return self.layers * sum(r * (dims[t][0] + dims[t][1]) for t in targets if t in dims)
+
+    def adapted_params(self, targets: list[str]) -> int:
+        """Parameters of the linear layers a LoRA with these target modules adapts."""
+        dims = self.modules()
+        return self.layers * sum(dims[t][0] * dims[t][1] for t in targets if t in dims)
 
     def act_per_token_layer(self) -> int:
         """Values saved per token and decoder layer for the backward pass (see the module docstring)."""
@@ -291,6 +297,8 @@ def estimate_stages(recipe: Recipe, shape: Shape, stages: list[Any]) -> list[Sta
     from minibt.inference import choose
 
     vllm = vllm_bytes(recipe, shape, weights, lora, c) if choose(recipe.inference)[0] == "vllm" else 0
+    # adapters.folded: inference on a float32 base holds folded copies of the adapted weights
+    folded = shape.adapted_params(recipe.lora.target_modules) * 4 if m.quantization == "none" and c == 4 else 0
     out, adapters = [], 0
     for stage in stages:
         if stage.uses == "cpu":
@@ -309,7 +317,7 @@ def estimate_stages(recipe: Recipe, shape: Shape, stages: list[Any]) -> list[Sta
                 parts["logits"] = tokens * shape.vocab * (c + LOSS_EXTRA_BYTES)
             parts["kv_cache"] = 0
         else:
-            parts["lora"] = adapters * lora * LORA_BYTES
+            parts["lora"] = adapters * lora * LORA_BYTES + (folded if adapters else 0)
             if stage.uses == "score":
                 curate = recipe.curate
                 batch = curate.batch_size

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import pytest
@@ -84,3 +85,40 @@ def test_adapter_names_are_checked(engine):
         engine.add_adapter("forward")  # collides with nn.Module.forward inside peft
     with pytest.raises(MinibtError, match="does not exist"):
         engine.infer.generate("m7", ["x"], max_new_tokens=1)
+
+
+# --- inference with the adapter folded into a float32 base ---------------------------------------
+
+
+def test_a_float32_base_runs_an_adapter_folded_and_is_left_untouched(tiny_model_dir, tmp_path, monkeypatch):
+    """On a plain float32 base an inference call runs the adapter folded into the weights (no LoRA
+    matmuls): the same scores and texts as the LoRA path, and the base's own tensors come back as they
+    were. A 4-bit base is never folded."""
+    from minibt.engine import Engine, adapters
+    from minibt.recipe import LoraSection, ModelSection
+
+    e = Engine.load(ModelSection(name=tiny_model_dir, max_length=128, quantization="none", dtype="float32"),
+                    LoraSection(r=8, alpha=16), seed=0)
+    e.train("m0", pairs(e), TrainSection(epochs=1, max_steps=6, batch_size=8, learning_rate=5e-3, warmup_ratio=0.0), tmp_path)
+    layers = adapters.foldable(e.model, "m0")
+    assert layers
+    before = [(m.base_layer.weight.data_ptr(), m.base_layer.weight.detach().clone()) for m in layers]
+    lora_calls: list[int] = []
+    layers[0].lora_A["m0"].register_forward_hook(lambda *_: lora_calls.append(1))
+    prompts = [p["prompt"] for p in pairs(e, 6)]
+    scores, _ = e.infer.next_token_probs("m0", prompts, "Score:", list("12345"))
+    texts = e.infer.generate("m0", prompts, max_new_tokens=8)
+    assert not lora_calls  # folded: the LoRA path never ran
+    assert all(m.base_layer.weight.data_ptr() == ptr and torch.equal(m.base_layer.weight, w) for m, (ptr, w) in zip(layers, before))
+    monkeypatch.setattr(adapters, "folded", lambda *_: contextlib.nullcontext())
+    want_scores, _ = e.infer.next_token_probs("m0", prompts, "Score:", list("12345"))
+    want_texts = e.infer.generate("m0", prompts, max_new_tokens=8)
+    assert lora_calls  # the LoRA path this time
+    assert scores == pytest.approx(want_scores, abs=1e-5) and texts == want_texts
+    assert scores.std() > 0
+
+
+def test_a_4bit_base_is_not_folded(engine):
+    from minibt.engine.adapters import foldable
+
+    assert foldable(engine.model, "m0") == []
