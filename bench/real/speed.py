@@ -1,12 +1,14 @@
 """Speed and memory of each stage on the real model, against this machine's own measured limit.
 
     MINIBT_CACHE=/work/cache python bench/real/speed.py --run runs/real/s0 [--n 32] [--steps 4] [--rounds 3]
-        [--threads 0] [--configs nf4:float32 none:float32 none:bfloat16] [--vllm] [--out bench/results/real-speed.json]
+        [--threads 0] [--configs nf4:float32 none:float32 none:float32:whole none:bfloat16] [--vllm]
+        [--out bench/results/real-speed.json]
 
 One process, the run's adapters (myx, m0) and data, the cpu-135m recipe's settings:
 1. roofline: dense matmul GFLOP/s (float32, bfloat16) on 1 and the run's threads, copy bandwidth
    (minibt/bench/roofline.py); `best_gflops` is the limit every stage is set against.
-2. each base config (quantization:dtype, the HF engine) loaded side by side, and per stage, `--rounds`
+2. each base config (quantization:dtype, the HF engine; `:whole`: each batch one forward and the adapter not
+   folded, as on a GPU: the CPU engine before both) loaded side by side, and per stage, `--rounds`
    interleaved rounds (config A, B, C, A, B, C, ...): augment `--n` texts (myx), rubric curation and
    likelihood curation of `--n` pairs (m0), and `--steps` training steps of a fresh myx-like and m0-like
    adapter on the run's rows. Per stage and config: median seconds, tokens/s (tokens that are not padding),
@@ -108,7 +110,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: one per core)")
-    ap.add_argument("--configs", nargs="+", default=["nf4:float32", RECIPE_CONFIG, "none:bfloat16"])
+    ap.add_argument("--configs", nargs="+", default=["nf4:float32", RECIPE_CONFIG, f"{RECIPE_CONFIG}:whole", "none:bfloat16"])
     ap.add_argument("--stages", nargs="+", default=None)
     ap.add_argument("--vllm", action="store_true", help="also vLLM's CPU build on the inference stages (needs vllm)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "real-speed.json")
@@ -130,13 +132,15 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="minibt-speed-"))
     engines, skipped = {}, {}
     for config in args.configs:
-        quantization, dtype = config.split(":")
+        quantization, dtype, *variant = config.split(":")
         gflops = roof.get(f"matmul_gflops_{dtype}", {}).get(str(threads))
         if gflops is not None and gflops < roof["matmul_gflops_float32"][str(threads)] / 10:
             skipped[config] = f"{dtype} matmul runs {gflops} GFLOP/s here (float32: {roof['matmul_gflops_float32'][str(threads)]})"
             continue
         model = dataclasses.replace(model_of(recipe, run.manifest.get("base_model")), quantization=quantization, dtype=dtype)
         engine = Engine.load(model, recipe.lora, seed=recipe.run.seed)
+        if variant == ["whole"]:  # the HF engine as a GPU runs it: each batch one forward, the LoRA path unfolded
+            engine.infer.max_pad_share, engine.infer.roles.fold = 1.0, False
         for name in ("myx", "m0"):
             engine.infer.load_adapter(name, run.adapter(name))
         engines[config] = (stages(engine, engine.infer, recipe, run, args.n, args.steps, work),

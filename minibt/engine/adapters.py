@@ -131,6 +131,7 @@ class Adapters:
     def __init__(self, model: Any, tokenizer: Any, backend: str, lora: LoraSection, seed: int, dtype: torch.dtype):
         self.model, self.tokenizer, self.backend, self.lora, self.seed, self.dtype = model, tokenizer, backend, lora, seed, dtype
         self.role = BASE  # the adapter the last `use` block made active
+        self.fold = True  # inference folds a float32 adapter into the base (`folded`); off only to measure it
 
     @property
     def adapters(self) -> list[str]:
@@ -201,7 +202,8 @@ class Adapters:
         self.model.set_adapter(name)
         self._set_trainable(name if trainable else None)
         self.mode(training=trainable)
-        with contextlib.nullcontext() if trainable or self.backend != "transformers" else folded(self.model, name):
+        plain = trainable or not self.fold or self.backend != "transformers"
+        with contextlib.nullcontext() if plain else folded(self.model, name):
             yield
 
     def check_trainable(self, name: str | None) -> None:
