@@ -18,7 +18,17 @@ import torch
 
 from minibt import stack_guards as guards
 from minibt.engine import sampling
-from minibt.engine.batching import MIN_SHARED_PREFIX, after_head, common_prefix, each_batch, join_caches, left_pad, pad_groups, plain_cache, with_head
+from minibt.engine.batching import (
+    MIN_SHARED_PREFIX,
+    after_head,
+    common_prefix,
+    each_batch,
+    join_caches,
+    left_pad,
+    pad_groups,
+    plain_cache,
+    with_head,
+)
 from minibt.engine.load import compute_dtype
 from minibt.engine.text import TextRules, renormalised
 
@@ -117,30 +127,12 @@ class HFInference:
 
     def _decode(self, adapter: str, ids: torch.Tensor, mask: torch.Tensor, budgets: Sequence[int], temperature: float,
                 top_p: float, g: torch.Generator | None, head: tuple[int, Any] = (0, None)) -> list[list[int]]:
-        """Sample (or greedily pick) up to budgets[row] tokens per row with a KV cache, dropping rows from
-        the batch as they reach EOS or their budget. `generate` keeps computing finished rows until the longest is done,
-        which wastes most of a batch when lengths vary (2x throughput measured on the toy world);
-        greedy outputs equal `generate`'s (tests/engine/test_infer.py)."""
-        from transformers import DynamicCache
-
+        """Sample (or greedily pick) up to budgets[row] tokens per row with a KV cache (`_prefill`), dropping
+        rows from the batch as they reach EOS or their budget. `generate` keeps computing finished rows until
+        the longest is done, which wastes most of a batch when lengths vary (2x throughput measured on the toy
+        world); greedy outputs equal `generate`'s (tests/engine/test_infer.py)."""
         eos = self.tokenizer.eos_token_id
-        # `ids` are the rows after the head (`shared_head`); prefilled in groups of similar length, then one batch
-        groups = self.groups(mask) if plain_cache(head[1]) else [list(range(ids.shape[0]))]
-        logits, caches, widths, positions = [], [], [], []
-        for group in groups:
-            rows = torch.tensor(group, device=ids.device)
-            width = int(mask[rows].sum(-1).max())
-            group_mask, group_positions, cache = after_head(mask[rows, -width:], head)
-            cache = cache if cache is not None else DynamicCache()
-            logits.append(self.model(input_ids=ids[rows, -width:], attention_mask=group_mask, position_ids=group_positions,
-                                     past_key_values=cache, use_cache=True, **self._last_only).logits[:, -1, :])
-            caches.append(cache)
-            widths.append(width)
-            positions.append(group_positions[:, -1:])
-        alive = torch.tensor([i for group in groups for i in group], device=ids.device)  # batch row -> input row
-        cache = join_caches(caches, widths, head[0])
-        mask = with_head(mask[alive], head[0])
-        position, next_logits = torch.cat(positions), torch.cat(logits)
+        next_logits, cache, mask, position, alive = self._prefill(ids, mask, head)
         limit = torch.tensor(list(budgets), device=ids.device)
         tokens: list[list[int]] = [[] for _ in range(ids.shape[0])]
         for t in range(max(budgets)):
@@ -160,6 +152,29 @@ class HFInference:
             next_logits = self.model(input_ids=next_ids[:, None], attention_mask=mask, position_ids=position,
                                      past_key_values=cache, use_cache=True).logits[:, -1, :]
         return tokens
+
+    def _prefill(self, ids: torch.Tensor, mask: torch.Tensor, head: tuple[int, Any]
+                 ) -> tuple[torch.Tensor, Any, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Run left-padded rows (after the `shared_head`) into one KV cache: a forward per group of similar
+        length, the caches joined (`join_caches`). Returns the last logits, the cache, its attention mask,
+        the last positions, and which input row each batch row is."""
+        from transformers import DynamicCache
+
+        groups = self.groups(mask) if plain_cache(head[1]) else [list(range(ids.shape[0]))]
+        logits, caches, widths, positions = [], [], [], []
+        for group in groups:
+            rows = torch.tensor(group, device=ids.device)
+            width = int(mask[rows].sum(-1).max())
+            group_mask, group_positions, cache = after_head(mask[rows, -width:], head)
+            cache = cache if cache is not None else DynamicCache()
+            logits.append(self.model(input_ids=ids[rows, -width:], attention_mask=group_mask, position_ids=group_positions,
+                                     past_key_values=cache, use_cache=True, **self._last_only).logits[:, -1, :])
+            caches.append(cache)
+            widths.append(width)
+            positions.append(group_positions[:, -1:])
+        alive = torch.tensor([i for group in groups for i in group], device=ids.device)
+        return (torch.cat(logits), join_caches(caches, widths, head[0]), with_head(mask[alive], head[0]),
+                torch.cat(positions), alive)
 
     def groups(self, mask: torch.Tensor) -> list[list[int]]:
         """The rows of a left-padded batch as forwards of similar length (`pad_groups`)."""
