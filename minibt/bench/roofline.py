@@ -45,6 +45,9 @@ def matmul_gflops(dtype: torch.dtype, threads: int, shape: tuple[int, int, int] 
         gen = torch.Generator(device=device).manual_seed(0)
         a = torch.randn(m, k, generator=gen, device=device).to(dtype)
         b = torch.randn(k, n, generator=gen, device=device).to(dtype)
+        for _ in range(3):  # warm: the first products on a new thread count start its pool (measured 2x slow)
+            a @ b
+        _sync(device)
         t0 = time.perf_counter()
         a @ b
         _sync(device)
