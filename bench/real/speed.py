@@ -2,7 +2,7 @@
 
     MINIBT_CACHE=/work/cache python bench/real/speed.py --run runs/real/s0 [--n 32] [--steps 4] [--rounds 3]
         [--threads 0] [--configs nf4:float32 none:float32 none:float32:whole none:bfloat16] [--vllm]
-        [--out bench/results/real-speed.json]
+        [--out bench/results/real-speed.json] [--profile STAGE]
 
 One process, the run's adapters (myx, m0) and data, the cpu-135m recipe's settings:
 1. roofline: dense matmul GFLOP/s (float32, bfloat16) on 1 and the run's threads, copy bandwidth
@@ -19,6 +19,7 @@ One process, the run's adapters (myx, m0) and data, the cpu-135m recipe's settin
    A dtype whose matmul runs under a tenth of float32's here is skipped with that figure as the reason.
    --vllm: vLLM's CPU build on the inference stages (LoRA on the unquantized base) in the same rounds; its
    FLOPs are the recipe config's count (the same work; vLLM's layers are not torch Linear modules).
+--profile STAGE: instead of timing, one run of STAGE on the recipe's config under torch.profiler.
 Peak memory per stage is apart (bench/real/memory.py: a process per stage, beside the estimate).
 """
 
@@ -104,6 +105,17 @@ def compare(out: Any, ref: Any) -> dict[str, Any]:
     return {"spearman": spearman(out, ref)}
 
 
+def profile(stage: Any) -> None:
+    """Where one run of a stage spends its time, op by op (torch.profiler, CPU)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    stage()  # warm-up: first calls build caches and thread pools
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        stage()
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--run", type=Path, required=True, help="a finished cpu-135m run (its adapters and data)")
@@ -115,6 +127,8 @@ def main() -> None:
     ap.add_argument("--stages", nargs="+", default=None)
     ap.add_argument("--vllm", action="store_true", help="also vLLM's CPU build on the inference stages (needs vllm)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "real-speed.json")
+    ap.add_argument("--profile", metavar="STAGE", help="instead: torch.profiler over one run of STAGE on the recipe's "
+                    "config (after a warm-up run), the top ops by self CPU time")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -155,6 +169,9 @@ def main() -> None:
             vllm.load_adapter(name, run.adapter(name))
         engines["vllm"] = (stages(None, vllm, recipe, run, args.n, args.steps, work), None, None)
     names = args.stages or list(engines[RECIPE_CONFIG][0])
+    if args.profile:
+        profile(engines[RECIPE_CONFIG][0][args.profile])
+        return
     result: dict[str, Any] = {"roofline": roof, "threads": threads, "n": args.n, "train_steps": args.steps,
                               "rounds": args.rounds, "run": str(args.run), "skipped": skipped, "stages": {},
                               "load_average_before": load_average()}
