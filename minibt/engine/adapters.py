@@ -105,8 +105,8 @@ def foldable(model: Any, name: str) -> list[Any]:
 @contextlib.contextmanager
 def folded(model: Any, name: str) -> Iterator[None]:
     """Inference with adapter `name` folded into float32 base weights for the block: x(W + sBA)^T is one
-    matmul where the LoRA path adds two more and two elementwise passes (the real model on a CPU: rubric
-    curation 12 % faster, augmentation 9 %, the same scores and texts). The folded weights are copies;
+    matmul where the LoRA path adds two more and two elementwise passes (docs/speed.md: the same scores
+    and texts, faster). The folded weights are copies;
     the base's own tensors are put back on exit, untouched (subtracting the update again would leave
     rounding in the base after every call). Costs one copy of the adapted weights while it lasts."""
     layers = foldable(model, name)
