@@ -200,8 +200,7 @@ def main() -> None:
             executed = p["flops"] / s / 1e9
             model = executed * p["tokens"] / max(p["positions"], 1)
             p.update(median_s=round(s, 2), seconds=[round(x, 2) for x in p["seconds"]], tokens_per_s=round(p["tokens"] / s, 1),
-                     executed_gflops=round(executed, 1), model_gflops=round(model, 1),
-                     fraction_of_best=round(model / roof["best_gflops"], 3))
+                     executed_gflops=round(executed, 1), model_gflops=round(model, 1))
             if RECIPE_CONFIG in per and config != RECIPE_CONFIG:
                 ratios = [a / b for a, b in zip(p["seconds"], per[RECIPE_CONFIG]["seconds"])]
                 p["time_vs_recipe"] = round(statistics.median(ratios), 3)
@@ -210,10 +209,9 @@ def main() -> None:
         print(stage, json.dumps({c: {k: v for k, v in p.items() if k != "seconds"} for c, p in per.items()}), flush=True)
     result["load_average_after"] = load_average()
     # the limit measured again, after the stages: one reading can come out low (2 threads once gave 1 thread's
-    # figure); the best of the two is the limit every fraction is set against
-    after = roofline(threads)
-    result["roofline_after"] = after
-    roof["best_gflops"] = max(roof["best_gflops"], after["best_gflops"])
+    # figure); the better of the two is the limit every fraction is set against
+    result["roofline_after"] = roofline(threads)
+    roof["best_gflops"] = max(roof["best_gflops"], result["roofline_after"]["best_gflops"])
     for per in result["stages"].values():
         for p in per.values():
             p["fraction_of_best"] = round(p["model_gflops"] / roof["best_gflops"], 3)

@@ -160,11 +160,12 @@ class HFInference:
         the last positions, and which input row each batch row is."""
         from transformers import DynamicCache
 
-        groups = self.groups(mask) if plain_cache(head[1]) else [list(range(ids.shape[0]))]
+        lengths = mask.sum(-1).tolist()
+        groups = self.groups(lengths) if plain_cache(head[1]) else [list(range(ids.shape[0]))]
         logits, caches, widths, positions = [], [], [], []
         for group in groups:
             rows = torch.tensor(group, device=ids.device)
-            width = int(mask[rows].sum(-1).max())
+            width = max(lengths[i] for i in group)
             group_mask, group_positions, cache = after_head(mask[rows, -width:], head)
             cache = cache if cache is not None else DynamicCache()
             logits.append(self.model(input_ids=ids[rows, -width:], attention_mask=group_mask, position_ids=group_positions,
@@ -176,13 +177,10 @@ class HFInference:
         return (torch.cat(logits), join_caches(caches, widths, head[0]), with_head(mask[alive], head[0]),
                 torch.cat(positions), alive)
 
-    def groups(self, mask: torch.Tensor) -> list[list[int]]:
-        """The rows of a left-padded batch as forwards of similar length (`pad_groups`)."""
-        return pad_groups(mask.sum(-1).tolist(), self.max_pad_share)
-
-    def rows_in_groups(self, batch: list[int], lengths: list[int]) -> list[list[int]]:
-        """`batch` (prompt indices, their token counts `lengths`) as forwards of similar length."""
-        return [[batch[j] for j in group] for group in pad_groups(lengths, self.max_pad_share)]
+    def groups(self, lengths: Sequence[int], rows: Sequence[int] | None = None) -> list[list[int]]:
+        """`rows` (default: 0, 1, ...), whose token counts are `lengths`, as forwards of similar length (`pad_groups`)."""
+        rows = range(len(lengths)) if rows is None else rows
+        return [[rows[j] for j in group] for group in pad_groups(lengths, self.max_pad_share)]
 
     def stream(self, adapter: str, prompt: str, max_new_tokens: int, temperature: float, top_p: float,
                on_text: Callable[[str], None]) -> str:
@@ -224,7 +222,7 @@ class HFInference:
         head: list[tuple[int, Any]] = []  # the rubric, the same text before every pair (`shared_head`)
 
         def step(_: int, batch: list[int]) -> None:
-            for idx in self.rows_in_groups(batch, [len(encoded[i]) - head[0][0] for i in batch]):
+            for idx in self.groups([len(encoded[i]) - head[0][0] for i in batch], batch):
                 input_ids, mask = self.left_pad([encoded[i][head[0][0]:] for i in idx])
                 mask, position_ids, cache = after_head(mask, head[0])
                 extra = {"past_key_values": cache} if cache is not None else {}
@@ -249,7 +247,7 @@ class HFInference:
         out = np.zeros(len(seqs))
 
         def step(_: int, batch: list[int]) -> None:
-            for idx in self.rows_in_groups(batch, [len(seqs[i]) for i in batch]):
+            for idx in self.groups([len(seqs[i]) for i in batch], batch):
                 input_ids, mask = self.left_pad([seqs[i] for i in idx])
                 position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
                 # use_cache=False: nothing reuses a cache here (the config's default would build one)
