@@ -80,8 +80,9 @@ def stages(engine: Any, inf: Any, recipe: Any, run: Any, n: int, steps: int, wor
     }
     if engine is None:
         return inference
-    myx_rows = backward_rows(engine, seed)[: steps * recipe.backward.batch_size]
-    m0_rows = forward_rows(engine, recipe, seed, [])[: steps * recipe.forward.batch_size]
+    # exactly `steps` optimizer steps' rows: one pass, the same rows whatever order a sampler draws them in
+    myx_rows = backward_rows(engine, seed)[: steps * recipe.backward.batch_size * recipe.backward.grad_accum]
+    m0_rows = forward_rows(engine, recipe, seed, [])[: steps * recipe.forward.batch_size * recipe.forward.grad_accum]
 
     def train(name: str, rows: list[dict[str, str]], cfg: Any) -> float:
         result = engine.train(name, rows, dataclasses.replace(cfg, max_steps=steps), tempfile.mkdtemp(dir=work))
@@ -138,12 +139,16 @@ def main() -> None:
     from minibt.bench.roofline import FlopCounter, roofline
     from minibt.bench.stats import load_average, timed
     from minibt.engine import Engine
+    from minibt.recipe import load_recipe
+    from minibt.recipes import builtin_path
     from minibt.rundir import RunDir
 
     roof = roofline(threads)
     print(json.dumps(roof), flush=True)
     run = RunDir.open(args.run)
-    recipe = run.recipe()
+    # the run's data and adapters; training as the shipped recipe trains now (the run may predate it)
+    shipped = load_recipe(builtin_path("cpu-135m"))
+    recipe = dataclasses.replace(run.recipe(), backward=shipped.backward, forward=shipped.forward)
     work = Path(tempfile.mkdtemp(prefix="minibt-speed-"))
     engines, skipped = {}, {}
     for config in args.configs:

@@ -46,7 +46,7 @@ _NAME = re.compile(rf"{PREFIX}-(\d+)")
 _TEMP = re.compile(rf"\.{PREFIX}-\d+\..*\.tmp")
 # the TrainSection keys that change what training does (not save_steps, report_to, gradient_checkpointing)
 TRAIN_KEYS = ("epochs", "learning_rate", "batch_size", "grad_accum", "max_steps", "warmup_ratio", "lr_scheduler",
-              "weight_decay", "packing")
+              "weight_decay", "packing", "group_by_length")
 _FLOAT_KEYS = {"epochs", "learning_rate", "warmup_ratio", "weight_decay"}
 
 

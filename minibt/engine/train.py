@@ -49,6 +49,7 @@ def sft_config(cfg: TrainSection, max_length: int, dtype: torch.dtype, seed: int
         weight_decay=cfg.weight_decay,
         max_length=max_length,
         packing=packing,
+        train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
         completion_only_loss=True,
         gradient_checkpointing=cfg.gradient_checkpointing and gpu,
         bf16=dtype == torch.bfloat16,  # autocast on a CPU too (the GPU path's mechanism, testable here)

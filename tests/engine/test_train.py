@@ -4,6 +4,7 @@ autocast, the base's embeddings). GPU-only parts: tests/test_gpu.py and bench/de
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -55,6 +56,9 @@ def test_the_sft_config_carries_the_recipe_and_the_checkpoint_plan(tmp_path):
     assert args.logging_steps == 7 and args.report_to == []
     none = sft_config(cfg, 96, torch.bfloat16, 0, tmp_path, packing=True)
     assert none.save_strategy.value == "no" and none.bf16 and none.packing  # bf16 autocasts on a CPU too
+    assert args.train_sampling_strategy == "random"
+    grouped = sft_config(dataclasses.replace(cfg, group_by_length=True), 96, torch.float32, 0, tmp_path, packing=False)
+    assert grouped.train_sampling_strategy == "group_by_length"
 
 
 def test_training_retries_out_of_memory_with_the_same_effective_batch(engine, tmp_path):
@@ -74,6 +78,29 @@ def test_training_retries_out_of_memory_with_the_same_effective_batch(engine, tm
         handle.remove()
     assert calls[0] == 8 and max(calls[1:]) <= 4 and result["steps"] > 0
     engine.delete_adapter("m3")
+
+
+def test_group_by_length_batches_rows_of_similar_length(engine, tmp_path):
+    # rows of 0 to 45 repeats: drawn at random, a batch of 4 pads its short rows to its longest; transformers
+    # sorts groups of len(rows) // 16 batches (here 4), so the rows are enough for a group of several batches
+    rows = [{**p, "completion": p["completion"] + " north" * (3 * (k % 16))} for k, p in enumerate(pairs(engine, 16) * 4)]
+    padding: dict[bool, float] = {}
+    for grouped in (False, True):
+        masks: list[torch.Tensor] = []
+
+        def keep_mask(module, args, kwargs):
+            masks.append(kwargs["attention_mask"])
+
+        handle = engine.model.get_base_model().register_forward_pre_hook(keep_mask, with_kwargs=True)
+        try:
+            engine.train("m3", rows, TrainSection(epochs=1, batch_size=4, learning_rate=5e-3, warmup_ratio=0.0,
+                                                  group_by_length=grouped, save_steps=0), tmp_path / str(grouped))
+        finally:
+            handle.remove()
+        engine.delete_adapter("m3")
+        assert len(masks) == 16 and all(m.shape[0] == 4 for m in masks)
+        padding[grouped] = sum(float((m == 0).sum()) for m in masks) / sum(m.numel() for m in masks)
+    assert padding[True] < 0.1 < padding[False], padding
 
 
 def test_training_retry_starts_after_the_failed_trainer_and_optimizer_are_freed(engine, tmp_path, monkeypatch):
