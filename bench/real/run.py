@@ -2,6 +2,7 @@
 ground truth (bench/real/data), every stage measured against that truth.
 
     python bench/real/run.py --seeds 0 1 2 [--out runs/real] [--ifeval-limit 30 --ifeval-max-tokens 128] [--eval-only]
+        [--method-only] [--set KEY=VALUE ...]
 
 Per run seed: `minibt run cpu-135m` with the local model and data as overrides (what users run is what is
 measured), then, in one process on the run's adapters:
@@ -51,9 +52,9 @@ def overrides(model: Path, seed: int) -> list[str]:
             "corpus.limit=null", "corpus.min_chars=40"]
 
 
-def run_method(model: Path, seed: int, out: Path) -> float:
+def run_method(model: Path, seed: int, out: Path, extra: tuple[str, ...] = ()) -> float:
     t0 = time.time()
-    cmd = [sys.executable, "-m", "minibt.cli", "run", "cpu-135m", *overrides(model, seed), "--out", str(out)]
+    cmd = [sys.executable, "-m", "minibt.cli", "run", "cpu-135m", *overrides(model, seed), *extra, "--out", str(out)]
     print("+", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True)
     return time.time() - t0
@@ -303,6 +304,9 @@ def main() -> None:
     parser.add_argument("--ifeval-max-tokens", type=int, default=128)
     parser.add_argument("--eval-only", action="store_true", help="evaluate finished runs again, without running the method")
     parser.add_argument("--uncurated", action="store_true", help="also train m1_uncurated (seed + every usable augmented pair)")
+    parser.add_argument("--set", dest="extra", action="append", default=[], metavar="KEY=VALUE",
+                        help="one more recipe override (e.g. the GPU's: model.device=auto model.quantization=nf4)")
+    parser.add_argument("--method-only", action="store_true", help="run the method and print its stage times; no evaluation")
     parser.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS,
                         help="what to measure (with --eval-only, sections the result file holds are kept)")
     args = parser.parse_args()
@@ -316,7 +320,11 @@ def main() -> None:
         if args.eval_only and path.is_file():
             done = {k: v for k, v in json.loads(path.read_text()).items() if k in SECTIONS or k == "timings"}
         elif not args.eval_only:
-            run_method(model, seed, run_dir)
+            run_method(model, seed, run_dir, tuple(args.extra))
+        if args.method_only:
+            stages = stage_seconds(run_dir)
+            print(json.dumps({"seed": seed, "run": str(run_dir), "stages_s": stages, "method_wall_s": round(sum(stages.values()), 1)}))
+            continue
         uncurated_s = train_uncurated(run_dir) if args.uncurated else 0.0
         result = evaluate(run_dir, args.ifeval_limit, args.ifeval_max_tokens, done, tuple(args.sections))
         stages = {**stage_seconds(run_dir), **({"m1_uncurated": round(uncurated_s, 1)} if uncurated_s else {})}

@@ -1,7 +1,7 @@
 """Speed and memory of each stage on the real model, against this machine's own measured limit.
 
     MINIBT_CACHE=/work/cache python bench/real/speed.py --run runs/real/s0 [--n 32] [--steps 4] [--rounds 3]
-        [--threads 0] [--configs nf4:float32 none:float32 none:float32:whole none:bfloat16] [--vllm]
+        [--threads 0] [--configs nf4:float32 none:float32 none:float32:whole none:bfloat16] [--vllm] [--device cuda]
         [--out bench/results/real-speed.json] [--profile STAGE]
 
 One process, the run's adapters (myx, m0) and data, the cpu-135m recipe's settings:
@@ -124,7 +124,10 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: one per core)")
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="cuda: the engines on the GPU "
+                    "(bench/device-real.sh), set against its matmul figure at a large shape")
     ap.add_argument("--configs", nargs="+", default=["nf4:float32", RECIPE_CONFIG, f"{RECIPE_CONFIG}:whole", "none:bfloat16"])
+    ap.add_argument("--reference", default=RECIPE_CONFIG, help="the config the others are compared to")
     ap.add_argument("--stages", nargs="+", default=None)
     ap.add_argument("--vllm", action="store_true", help="also vLLM's CPU build on the inference stages (needs vllm)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "real-speed.json")
@@ -143,7 +146,7 @@ def main() -> None:
     from minibt.recipes import builtin_path
     from minibt.rundir import RunDir
 
-    roof = roofline(threads)
+    roof = roofline(threads, device=args.device)
     print(json.dumps(roof), flush=True)
     run = RunDir.open(args.run)
     # the run's data and adapters; training as the shipped recipe trains now (the run may predate it)
@@ -153,11 +156,12 @@ def main() -> None:
     engines, skipped = {}, {}
     for config in args.configs:
         quantization, dtype, *variant = config.split(":")
-        gflops = roof.get(f"matmul_gflops_{dtype}", {}).get(str(threads))
+        gflops = roof.get(f"matmul_gflops_{dtype}", {}).get(str(threads)) if args.device == "cpu" else None
         if gflops is not None and gflops < roof["matmul_gflops_float32"][str(threads)] / 10:
             skipped[config] = f"{dtype} matmul runs {gflops} GFLOP/s here (float32: {roof['matmul_gflops_float32'][str(threads)]})"
             continue
-        model = dataclasses.replace(model_of(recipe, run.manifest.get("base_model")), quantization=quantization, dtype=dtype)
+        model = dataclasses.replace(model_of(recipe, run.manifest.get("base_model")), quantization=quantization, dtype=dtype,
+                                    device="auto" if args.device == "cuda" else "cpu")
         engine = Engine.load(model, recipe.lora, seed=recipe.run.seed)
         if variant == ["whole"]:  # the HF engine as a GPU runs it: each batch one forward, the LoRA path unfolded
             engine.infer.max_pad_share, engine.infer.roles.fold = 1.0, False
@@ -173,12 +177,12 @@ def main() -> None:
         for name in ("myx", "m0"):
             vllm.load_adapter(name, run.adapter(name))
         engines["vllm"] = (stages(None, vllm, recipe, run, args.n, args.steps, work), None, None)
-    names = args.stages or list(engines[RECIPE_CONFIG][0])
+    names = args.stages or list(engines[args.reference][0])
     if args.profile:
-        profile(engines[RECIPE_CONFIG][0][args.profile])
+        profile(engines[args.reference][0][args.profile])
         return
-    result: dict[str, Any] = {"roofline": roof, "threads": threads, "n": args.n, "train_steps": args.steps,
-                              "rounds": args.rounds, "run": str(args.run), "skipped": skipped, "stages": {},
+    result: dict[str, Any] = {"roofline": roof, "device": args.device, "reference": args.reference, "threads": threads,
+                              "n": args.n, "train_steps": args.steps, "rounds": args.rounds, "run": str(args.run), "skipped": skipped, "stages": {},
                               "load_average_before": load_average()}
     for stage in names:
         per: dict[str, Any] = {c: {"seconds": [], "flops": 0, "tokens": 0, "positions": 0} for c in engines}
@@ -190,7 +194,7 @@ def main() -> None:
                 if flops is None:  # not countable in this process's modules: the recipe config's count
                     outputs[config], s = timed(run_stage[stage])
                     per[config]["seconds"].append(s)
-                    per[config].update({k: per[RECIPE_CONFIG][k] for k in ("flops", "tokens", "positions")})
+                    per[config].update({k: per[args.reference][k] for k in ("flops", "tokens", "positions")})
                     continue
                 flops.flops = 0
                 tokens.reset()
@@ -206,16 +210,16 @@ def main() -> None:
             model = executed * p["tokens"] / max(p["positions"], 1)
             p.update(median_s=round(s, 2), seconds=[round(x, 2) for x in p["seconds"]], tokens_per_s=round(p["tokens"] / s, 1),
                      executed_gflops=round(executed, 1), model_gflops=round(model, 1))
-            if RECIPE_CONFIG in per and config != RECIPE_CONFIG:
-                ratios = [a / b for a, b in zip(p["seconds"], per[RECIPE_CONFIG]["seconds"])]
+            if args.reference in per and config != args.reference:
+                ratios = [a / b for a, b in zip(p["seconds"], per[args.reference]["seconds"])]
                 p["time_vs_recipe"] = round(statistics.median(ratios), 3)
-                p["outputs_vs_recipe"] = compare(outputs[config], outputs[RECIPE_CONFIG])
+                p["outputs_vs_recipe"] = compare(outputs[config], outputs[args.reference])
         result["stages"][stage] = per
         print(stage, json.dumps({c: {k: v for k, v in p.items() if k != "seconds"} for c, p in per.items()}), flush=True)
     result["load_average_after"] = load_average()
     # the limit measured again, after the stages: one reading can come out low (2 threads once gave 1 thread's
     # figure); the better of the two is the limit every fraction is set against
-    result["roofline_after"] = roofline(threads)
+    result["roofline_after"] = roofline(threads, device=args.device)
     roof["best_gflops"] = max(roof["best_gflops"], result["roofline_after"]["best_gflops"])
     for per in result["stages"].values():
         for p in per.values():

@@ -78,8 +78,12 @@ def copy_gbs(threads: int, mib: int = 256, device: str = "cpu") -> float:
         return round(2 * src.numel() * 4 / best / 1e9, 1)
 
 
-def roofline(threads: int, dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16)) -> dict[str, Any]:
-    """Matmul GFLOP/s per dtype on 1 and `threads` threads, copy bandwidth, and the best matmul figure."""
+def roofline(threads: int, dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16), device: str = "cpu") -> dict[str, Any]:
+    """Matmul GFLOP/s per dtype, copy bandwidth, and the best matmul figure (`best_gflops`, the limit stages are set
+    against). On a CPU: on 1 and `threads` threads, at the stages' shape. On a GPU: at the stages' shape, which is
+    too small to fill it, and at PEAK_SHAPE, which does (the limit)."""
+    if device != "cpu":
+        return _gpu_roofline(dtypes, device)
     counts = sorted({1, threads})
     out: dict[str, Any] = {"threads": threads, "matmul_shape": list(MATMUL_SHAPE), "cpu": torch.backends.cpu.get_cpu_capability()}
     for dtype in dtypes:
@@ -88,6 +92,21 @@ def roofline(threads: int, dtypes: tuple[torch.dtype, ...] = (torch.float32, tor
         out[f"matmul_gflops_{name}"] = {str(t): matmul_gflops(dtype, t, seconds=0.5) for t in counts}
     out["copy_gbs"] = {str(t): copy_gbs(t) for t in counts}
     out["best_gflops"] = max(v[str(threads)] for k, v in out.items() if k.startswith("matmul_gflops_"))
+    return out
+
+
+PEAK_SHAPE = (8192, 8192, 8192)  # large enough to keep a GPU's tensor cores busy
+
+
+def _gpu_roofline(dtypes: tuple[torch.dtype, ...], device: str) -> dict[str, Any]:
+    out: dict[str, Any] = {"device": torch.cuda.get_device_name(device), "matmul_shape": list(MATMUL_SHAPE),
+                           "peak_shape": list(PEAK_SHAPE), "tf32": torch.backends.cuda.matmul.allow_tf32}
+    for dtype in dtypes:
+        name = str(dtype).removeprefix("torch.")
+        out[f"matmul_gflops_{name}"] = {shape: matmul_gflops(dtype, 1, dims, seconds=0.5, device=device)
+                                        for shape, dims in (("matmul_shape", MATMUL_SHAPE), ("peak_shape", PEAK_SHAPE))}
+    out["copy_gbs"] = copy_gbs(1, mib=1024, device=device)
+    out["best_gflops"] = max(v["peak_shape"] for k, v in out.items() if k.startswith("matmul_gflops_"))
     return out
 
 

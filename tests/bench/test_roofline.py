@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from minibt.bench.roofline import FlopCounter, copy_gbs, matmul_gflops, roofline
@@ -34,3 +35,12 @@ def test_roofline_names_the_best_figure_on_the_threads_asked(monkeypatch):
     roof = roofline(2)
     assert roof["matmul_gflops_float32"] == {"1": 10.0, "2": 19.0}
     assert roof["best_gflops"] == 55.0 and roof["copy_gbs"] == {"1": 5.0, "2": 10.0}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: run on the device machine")
+def test_a_gpu_roofline_sets_stages_against_the_large_shape():
+    roof = roofline(1, dtypes=(torch.bfloat16,), device="cuda")
+    figures = roof["matmul_gflops_bfloat16"]
+    assert figures["peak_shape"] > figures["matmul_shape"] > 0 and roof["best_gflops"] == figures["peak_shape"]
+    assert roof["copy_gbs"] > 0
