@@ -86,7 +86,7 @@ def test_a_world_section_is_typed_checked_and_written_back_under_its_key(tiny):
 
 def test_a_world_plugs_its_data_stages_base_and_lines_into_generic_code(tiny, tmp_path):
     from minibt.base_model import model_of
-    from minibt.cli import summary
+    from minibt.cli.runs import summary
     from minibt.pipeline import plan, prepare_only
 
     recipe = from_dict({"tiny": {"size": 4}})
