@@ -129,9 +129,9 @@ class RunDir:
         resolved = recipe.to_dict()
         if (self.path / "recipe.yaml").exists():
             old = yaml.safe_load((self.path / "recipe.yaml").read_text())
-            # a section minibt added since that run (e.g. rewrite) is absent there: its defaults are what ran
-            old = {**{k: v for k, v in type(recipe)().to_dict().items() if k not in old}, **old}
-            diff = _first_difference(old, resolved)
+            # a section or key minibt added since that run (e.g. rewrite, train.group_by_length) is absent
+            # there: its default is what ran
+            diff = _first_difference(_with_defaults(old, type(recipe)().to_dict()), resolved)
             finished = any(s.get("status") == "done" for s in self.manifest.get("stages", {}).values())
             if diff and finished:  # nothing finished yet (a fixed typo, say): the new recipe simply applies
                 raise MinibtError(
@@ -345,6 +345,15 @@ def _lock(path: Path, hint: str) -> int:
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {_now()}\n".encode(), 0)
     return fd
+
+
+def _with_defaults(old: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    """`old` (a saved recipe) with every section and key it lacks taken from `defaults`."""
+    out = {**{k: v for k, v in defaults.items() if k not in old}, **old}
+    for k, v in defaults.items():
+        if isinstance(v, dict) and isinstance(old.get(k), dict):
+            out[k] = _with_defaults(old[k], v)
+    return out
 
 
 def _first_difference(old: Any, new: Any, key: str = "") -> str | None:

@@ -135,7 +135,7 @@ class TrainSection:
     # machine-dependent, so not refused: off with a warning where attention would let packed examples
     # see each other (see Engine.packing)
     packing: bool = False
-    # batches drawn from rows of similar length (transformers' LengthGroupedSampler: random groups of
+    # batches drawn from rows of similar length (transformers' LengthGroupedSampler: random groups of up to
     # 50 batches, sorted within): little padding at batch_size > 1, which a CPU computes like tokens
     group_by_length: bool = False
     gradient_checkpointing: bool = True  # GPU only; off on CPU where it only costs time

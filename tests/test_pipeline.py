@@ -136,6 +136,24 @@ def test_a_run_made_by_another_recipe_is_refused(tiny_run):
     assert "different recipe (lora.r: 4 before, 8 now)" in result.output and "--fresh" in result.output
 
 
+def test_a_run_made_before_minibt_added_a_key_resumes(tiny_run, monkeypatch):
+    """A run's recipe.yaml from an older minibt lacks keys added since (train.group_by_length): their defaults
+    are what ran, so the run resumes instead of being refused as another recipe's."""
+    import yaml
+
+    from minibt.engine import Engine
+
+    root, out, runner = tiny_run
+    saved = yaml.safe_load((out / "recipe.yaml").read_text())
+    del saved["backward"]["group_by_length"], saved["forward"]["group_by_length"]
+    (out / "recipe.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
+    monkeypatch.setattr(Engine, "train", lambda *a, **k: (_ for _ in ()).throw(AssertionError("a finished stage ran again")))
+    result = runner.invoke(main, ["run", str(root / "tiny.yaml"), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(main, ["run", str(root / "tiny.yaml"), "--out", str(out), "backward.group_by_length=true"])
+    assert result.exit_code == 2 and "backward.group_by_length: False before, True now" in result.output
+
+
 def test_generate_with_swapped_adapters(tiny_run):
     root, out, runner = tiny_run
     io.write_jsonl(root / "in.jsonl", [{"instruction": "What is the color of the king?"}])
