@@ -4,7 +4,7 @@
 # Each call keeps its piece in $KEEP. The call that completes the set joins the GGUF (sha256 checked), installs
 # the wheels, runs the cpu-135m recipe on the GPU as a GPU recipe runs (4-bit NF4 base, bf16) on the local data,
 # then bench/real/speed.py on that run's adapters against the GPU's own matmul figure: $OUT/gpu-real-*.json.
-# Without CUDA it stops after the join with exit 3 (tests/test_device_check.py runs it so).
+# Without CUDA it stops after the join with exit 3 (tests/bench/test_device_pack.py runs it so).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-bench/results}"

@@ -119,10 +119,15 @@ def pack(out: Path, model: Path, wheels: list[Path], budget: int) -> dict:
     return manifest
 
 
+def located(folders: list[Path]) -> tuple[dict, dict[str, Path | None]]:
+    """The manifest, and where in `folders` each file it lists is (None: not carried yet)."""
+    manifest = json.loads((folders[0] / "manifest.json").read_text())
+    return manifest, {name: next((f / name for f in folders if (f / name).is_file()), None) for name in manifest["files"]}
+
+
 def join(folders: list[Path], dest: Path) -> Path:
     """The model file from its parts in `folders` (pieces, or where device-real.sh keeps them), checked."""
-    manifest = json.loads((folders[0] / "manifest.json").read_text())
-    files = {name: next((f / name for f in folders if (f / name).is_file()), None) for name in manifest["files"]}
+    manifest, files = located(folders)
     missing = sorted(name for name, path in files.items() if path is None)
     if missing:
         raise SystemExit(f"missing {', '.join(missing)}: carry every piece of {manifest['pieces']} first")
@@ -142,7 +147,7 @@ def join(folders: list[Path], dest: Path) -> Path:
     return model
 
 
-def check(out: Path, limit_mib: float) -> list[int]:
+def check(out: Path, limit_mib: float) -> None:
     """Each piece's call size (tracked tree + piece) under the limit, and the parts joined back into the same file."""
     tree = tree_bytes()
     folders = sorted(out.glob("piece-*"))
@@ -154,7 +159,6 @@ def check(out: Path, limit_mib: float) -> list[int]:
     with tempfile.TemporaryDirectory() as tmp:
         model = join(folders, Path(tmp))
         print(f"joined {model.name}: {model.stat().st_size} bytes, sha256 as the original's")
-    return sizes
 
 
 def main() -> None:
@@ -167,7 +171,7 @@ def main() -> None:
     ap.add_argument("--to", type=Path)
     args = ap.parse_args()
     if args.join:
-        if not all((args.join / name).is_file() for name in json.loads((args.join / "manifest.json").read_text())["files"]):
+        if None in located([args.join])[1].values():
             print(f"{args.join}: not every piece is here yet (manifest.json lists them)", file=sys.stderr)
             raise SystemExit(4)
         print(join([args.join], args.to))

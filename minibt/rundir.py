@@ -349,7 +349,7 @@ def _lock(path: Path, hint: str) -> int:
 
 def _with_defaults(old: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
     """`old` (a saved recipe) with every section and key it lacks taken from `defaults`."""
-    out = {**{k: v for k, v in defaults.items() if k not in old}, **old}
+    out = {**defaults, **old}
     for k, v in defaults.items():
         if isinstance(v, dict) and isinstance(old.get(k), dict):
             out[k] = _with_defaults(old[k], v)
